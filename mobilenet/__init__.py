@@ -1,0 +1,1 @@
+"""mobilenet: a JAX/Flax research codebase for depthwise-separable convolutions (MobileNetV1)."""
