@@ -1,34 +1,215 @@
 """Depthwise convolution implementations (functional, no parameters).
 
 Every implementation computes the same function as XLA's grouped convolution
-with `feature_group_count` = input channels; `DepthwiseConv` in layers.py picks
-one by name.
+with `feature_group_count` = input channels: NHWC `inputs`, a
+(kh, kw, 1, C * multiplier) `kernel`, and output channel `c * multiplier + j`
+computed from input channel `c`. `DepthwiseConv` in layers.py picks one by name.
+
+- 'xla': `lax.conv_general_dilated` with `feature_group_count`. Fast on TPU.
+  On CPU it is ~100x slower than needed, and its autodiff computes the filter
+  gradient as a dense C x C convolution (C times the needed work); on CUDA the
+  grouped-conv backward is slow too (jax issue #13800).
+- 'shifted': kh * kw shifted (and, for stride 2, strided) slices multiplied by
+  one filter tap each and summed, with a hand-written VJP: the input gradient
+  is again kh * kw shifted multiply-adds (one per output phase for strides > 1,
+  so no multiply touches an inserted zero) and the filter gradient is kh * kw
+  products reduced over N, H, W. XLA fuses each of the three into loops over
+  the activations, so the work is the minimal 2 * kh * kw flops per element.
 """
+import functools
+from typing import Sequence, Tuple, Union
+
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-IMPLEMENTATIONS = ('xla',)
+Padding = Union[str, Sequence[Tuple[int, int]]]
+
+IMPLEMENTATIONS = ('xla', 'shifted')
+
+# What 'auto' picks per backend (see docs/performance.md for the measurements
+# and reasons). CPU: measured here. GPU: cuDNN's grouped-conv forward is fine
+# but its filter gradient goes through the slow grouped backward (jax #13800);
+# the shifted form is a few fused elementwise kernels, so it is chosen.
+# TPU: XLA's TPU convolution emitter handles depthwise natively; keep it.
+AUTO_BY_BACKEND = {'cpu': 'shifted', 'gpu': 'shifted', 'cuda': 'shifted', 'rocm': 'shifted',
+                   'tpu': 'xla'}
 
 
 def depthwise_conv_xla(inputs, kernel, strides, padding):
   """XLA grouped convolution: NHWC inputs, kernel (kh, kw, 1, C * multiplier)."""
-  return jax.lax.conv_general_dilated(
+  return lax.conv_general_dilated(
       inputs, kernel, window_strides=strides, padding=padding,
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
       feature_group_count=inputs.shape[-1])
 
 
-def resolve_implementation(name: str) -> str:
-  """Maps 'auto' to the fastest implementation measured on the current backend."""
+def explicit_padding(spatial_shape, window_shape, strides, padding: Padding):
+  """Returns ((lo, hi), (lo, hi)) for 'SAME', 'VALID' or explicit pairs."""
+  if isinstance(padding, str):
+    return tuple(lax.padtype_to_pads(spatial_shape, window_shape, strides, padding.upper()))
+  return tuple(tuple(int(p) for p in pair) for pair in padding)
+
+
+def _accumulation_dtype(dtype):
+  """Low-precision floats accumulate in float32 (inside the fused loop, so no extra memory)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _tap(padded, dy, dx, out_h, out_w, strides):
+  """The (out_h, out_w) window of `padded` that filter tap (dy, dx) multiplies."""
+  sh, sw = strides
+  return lax.slice(
+      padded, (0, dy, dx, 0),
+      (padded.shape[0], dy + sh * (out_h - 1) + 1, dx + sw * (out_w - 1) + 1, padded.shape[3]),
+      (1, sh, sw, 1))
+
+
+def _output_size(size, k, stride, pads):
+  return (size + pads[0] + pads[1] - k) // stride + 1
+
+
+def _shifted_forward(x, w, strides, pads):
+  """y[n,i,j,c] = sum_{dy,dx} xpad[n, i*sh+dy, j*sw+dx, c] * w[dy,dx,c]."""
+  kh, kw, _ = w.shape
+  acc_dtype = _accumulation_dtype(x.dtype)
+  out_h = _output_size(x.shape[1], kh, strides[0], pads[0])
+  out_w = _output_size(x.shape[2], kw, strides[1], pads[1])
+  padded = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+  wa = w.astype(acc_dtype)
+  out = None
+  for dy in range(kh):
+    for dx in range(kw):
+      term = _tap(padded, dy, dx, out_h, out_w, strides).astype(acc_dtype) * wa[dy, dx]
+      out = term if out is None else out + term
+  return out.astype(x.dtype)
+
+
+def _phase_taps(k, stride, pad_lo, phase):
+  """Filter taps d whose outputs land on input rows p = phase (mod stride), and their offsets.
+
+  Input row p (unpadded) is read by output row i through tap d when
+  i * stride + d - pad_lo = p. For p = phase + stride * q this gives
+  i = q + (phase + pad_lo - d) / stride, an integer offset for the taps returned.
+  """
+  taps = []
+  for d in range(k):
+    shift = phase + pad_lo - d
+    if shift % stride == 0:
+      taps.append((d, shift // stride))
+  return taps
+
+
+def _shifted_input_grad(g, w, in_shape, strides, pads):
+  """dL/dx as shifted multiply-adds: one stride-1 correlation per output phase.
+
+  With stride s each input row is touched by only the taps congruent to it mod
+  s, so the gradient splits into s_h * s_w phases; each phase is a sum of
+  shifted copies of g times one tap, and the phases are interleaved. No
+  multiply touches a zero inserted by dilation.
+  """
+  n, h, wdt, c = in_shape
+  kh, kw, _ = w.shape
+  sh, sw = strides
+  acc_dtype = _accumulation_dtype(g.dtype)
+  ga = g.astype(acc_dtype)
+  wa = w.astype(acc_dtype)
+  out_h, out_w = g.shape[1], g.shape[2]
+  zero = jnp.zeros((), acc_dtype)
+  phase_rows = []
+  for ph in range(sh):
+    rows_h = -(-(h - ph) // sh)  # input rows of this phase: ph, ph + sh, ...
+    phase_cols = []
+    for pw in range(sw):
+      rows_w = -(-(wdt - pw) // sw)
+      acc = jnp.zeros((n, rows_h, rows_w, c), acc_dtype)
+      for dy, oy in _phase_taps(kh, sh, pads[0][0], ph):
+        for dx, ox in _phase_taps(kw, sw, pads[1][0], pw):
+          # Rows q of this phase read g[q + oy]; pad/crop g so the window starts there.
+          window = lax.pad(ga, zero, ((0, 0, 0), (-oy, rows_h + oy - out_h, 0),
+                                      (-ox, rows_w + ox - out_w, 0), (0, 0, 0)))
+          acc = acc + window * wa[dy, dx]
+      phase_cols.append(acc)
+    phase_rows.append(phase_cols)
+  return _interleave_phases(phase_rows, h, wdt).astype(g.dtype)
+
+
+def _interleave_phases(phases, h, w):
+  """Interleaves phases[ph][pw] (rows ph::sh, cols pw::sw) back into an (N, h, w, C) array."""
+  sh, sw = len(phases), len(phases[0])
+  if sh == 1 and sw == 1:
+    return phases[0][0]
+  rows_h, rows_w = -(-h // sh), -(-w // sw)
+  # Pad every phase to the largest phase's size so they stack; the extra rows are cropped.
+  padded = [[lax.pad(p, jnp.zeros((), p.dtype), ((0, 0, 0), (0, rows_h - p.shape[1], 0),
+                                                 (0, rows_w - p.shape[2], 0), (0, 0, 0)))
+             for p in row] for row in phases]
+  n, c = padded[0][0].shape[0], padded[0][0].shape[3]
+  stacked = jnp.stack([jnp.stack(row, axis=3) for row in padded], axis=2)  # n, rh, sh, rw, sw, c
+  return stacked.reshape(n, rows_h * sh, rows_w * sw, c)[:, :h, :w, :]
+
+
+def _shifted_filter_grad(x, g, kernel_shape, strides, pads):
+  """dL/dw[dy,dx,c] = sum_{n,i,j} xpad[n, i*sh+dy, j*sw+dx, c] * g[n,i,j,c]."""
+  kh, kw, _ = kernel_shape
+  acc_dtype = _accumulation_dtype(x.dtype)
+  out_h, out_w = g.shape[1], g.shape[2]
+  padded = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+  ga = g.astype(acc_dtype)
+  taps = [jnp.sum(_tap(padded, dy, dx, out_h, out_w, strides).astype(acc_dtype) * ga, axis=(0, 1, 2))
+          for dy in range(kh) for dx in range(kw)]
+  return jnp.stack(taps).reshape(kernel_shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _shifted_depthwise(x, w, strides, pads):
+  """Multiplier-1 depthwise conv; x (N, H, W, C), w (kh, kw, C)."""
+  return _shifted_forward(x, w, strides, pads)
+
+
+def _shifted_depthwise_fwd(x, w, strides, pads):
+  return _shifted_forward(x, w, strides, pads), (x, w)
+
+
+def _shifted_depthwise_bwd(strides, pads, residuals, g):
+  x, w = residuals
+  dx = _shifted_input_grad(g, w, x.shape, strides, pads)
+  dw = _shifted_filter_grad(x, g, w.shape, strides, pads).astype(w.dtype)
+  return dx, dw
+
+
+_shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
+
+
+def depthwise_conv_shifted(inputs, kernel, strides, padding):
+  """Shifted multiply-adds with a hand-written VJP; same layout as `depthwise_conv_xla`."""
+  kh, kw, _, out_channels = kernel.shape
+  channels = inputs.shape[-1]
+  if out_channels % channels:
+    raise ValueError(f'kernel has {out_channels} output channels, not a multiple of {channels} inputs')
+  multiplier = out_channels // channels
+  if multiplier > 1:
+    # Output channel c*m+j reads input channel c: repeat each input channel m times
+    # (autodiff sums the m copies' gradients back, a cheap reduction).
+    inputs = jnp.repeat(inputs, multiplier, axis=-1)
+  pads = explicit_padding(inputs.shape[1:3], (kh, kw), strides, padding)
+  return _shifted_depthwise(inputs, kernel.reshape(kh, kw, out_channels), tuple(strides), pads)
+
+
+_REGISTRY = {'xla': depthwise_conv_xla, 'shifted': depthwise_conv_shifted}
+
+
+def resolve_implementation(name: str, backend: str = None) -> str:
+  """Maps 'auto' to the fastest implementation measured on `backend` (default: JAX's)."""
   if name == 'auto':
-    return 'xla'
+    return AUTO_BY_BACKEND.get(backend or jax.default_backend(), 'xla')
   if name not in IMPLEMENTATIONS:
     raise ValueError(f'unknown depthwise implementation {name!r}; choose one of {IMPLEMENTATIONS} or "auto"')
   return name
 
 
-def depthwise_conv(inputs: jnp.ndarray, kernel: jnp.ndarray, *, strides=(1, 1), padding='SAME',
-                   implementation: str = 'auto') -> jnp.ndarray:
+def depthwise_conv(inputs: jnp.ndarray, kernel: jnp.ndarray, *, strides=(1, 1),
+                   padding: Padding = 'SAME', implementation: str = 'auto') -> jnp.ndarray:
   """Depthwise convolution of NHWC `inputs` with a (kh, kw, 1, C * m) `kernel`."""
   implementation = resolve_implementation(implementation)
-  return depthwise_conv_xla(inputs, kernel, tuple(strides), padding)
+  return _REGISTRY[implementation](inputs, kernel, tuple(strides), padding)
