@@ -1,0 +1,200 @@
+"""Training- and eval-step throughput of MobileNetV1 on synthetic batches.
+
+For each setting (width multiplier, batch, resolution, dtype, depthwise
+implementation) this builds the configured model, compiles the training step
+and the eval step, runs a few warm-up steps, and reports the median
+images/second over the timed steps, the compile times and the memory XLA
+plans for the step. No dataset is read: inputs are random images of the
+configured shape, so the numbers measure the model and step alone.
+"""
+import dataclasses
+import itertools
+import resource
+import statistics
+import time
+from typing import Any, Dict, Iterator, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mobilenet import depthwise
+from mobilenet import model as model_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One row of the benchmark table."""
+  width_multiplier: float
+  batch_size: int
+  resolution: int
+  dtype: str
+  implementation: str
+
+  def apply(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` with this setting's fields."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.width_multiplier = self.width_multiplier
+    config.batch_size = self.batch_size
+    config.model.resolution = self.resolution
+    config.model.dtype = self.dtype
+    config.model.depthwise_implementation = self.implementation
+    return config
+
+
+def settings_grid(config: ml_collections.ConfigDict, *, width_multipliers=(), batch_sizes=(),
+                  resolutions=(), dtypes=(), implementations=()) -> Iterator[Setting]:
+  """The cross product of the given values; an empty list means the config's value."""
+  model = config.model
+  yield from itertools.starmap(Setting, itertools.product(
+      width_multipliers or [model.width_multiplier], batch_sizes or [config.batch_size],
+      resolutions or [model.resolution], dtypes or [model.dtype],
+      implementations or [model.depthwise_implementation]))
+
+
+def synthetic_batch(config: ml_collections.ConfigDict) -> Dict[str, jnp.ndarray]:
+  """Random images and labels of the configured shapes."""
+  rng = np.random.default_rng(config.seed)
+  shape = (config.batch_size, config.model.resolution, config.model.resolution,
+           config.input.channels)
+  return {'image': jnp.asarray(rng.standard_normal(shape, np.float32)),
+          'label': jnp.asarray(rng.integers(0, config.model.num_classes, config.batch_size))}
+
+
+def _steps(config: ml_collections.ConfigDict):
+  """(state, train_step(state, batch) -> (state, metrics), eval_step(state, batch) -> metrics).
+
+  Uses the project's train_step module when present, so the benchmark times
+  the real training step; otherwise a minimal SGD-momentum step on the model.
+  """
+  try:
+    from mobilenet import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    train_step_lib = None
+  if train_step_lib is not None:
+    return _project_steps(train_step_lib, config)
+  return _minimal_steps(config)
+
+
+def _project_steps(train_step_lib, config):
+  """The project's TrainState and steps (mobilenet/train_step.py)."""
+  model = model_lib.create_model(config.model)
+  state = train_step_lib.create_train_state(config, model, jax.random.key(config.seed),
+                                            steps_per_epoch=100)
+  train_step = lambda state, batch: train_step_lib.train_step(state, batch, config=config)
+  eval_step = lambda state, batch: train_step_lib.eval_step(state, batch, config=config)
+  return state, train_step, eval_step
+
+
+def _minimal_steps(config):
+  """Cross-entropy + SGD with momentum: the step that the project's will replace."""
+  import optax  # pylint: disable=g-import-not-at-top
+  model = model_lib.create_model(config.model)
+  shape = (1, config.model.resolution, config.model.resolution, config.input.channels)
+  variables = model.init(jax.random.key(config.seed), jnp.zeros(shape), train=False)
+  tx = optax.sgd(config.optimizer.learning_rate, momentum=config.optimizer.momentum)
+  state = {'params': variables['params'], 'batch_stats': variables['batch_stats'],
+           'opt_state': tx.init(variables['params'])}
+
+  def train_step(state, batch):
+    def loss_fn(params):
+      logits, updates = model.apply({'params': params, 'batch_stats': state['batch_stats']},
+                                    batch['image'], train=True, mutable=['batch_stats'])
+      labels = jax.nn.one_hot(batch['label'], logits.shape[-1])
+      return optax.softmax_cross_entropy(logits, labels).mean(), updates['batch_stats']
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    return {'params': params, 'batch_stats': batch_stats, 'opt_state': opt_state}, {'loss': loss}
+
+  def eval_step(state, batch):
+    logits = model.apply({'params': state['params'], 'batch_stats': state['batch_stats']},
+                         batch['image'], train=False)
+    return {'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label'])}
+
+  return state, train_step, eval_step
+
+
+def _compile(fn, *args, donate_argnums=()):
+  """AOT-compiles `fn`; returns (compiled, seconds, XLA's planned bytes or None)."""
+  start = time.perf_counter()
+  compiled = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
+  seconds = time.perf_counter() - start
+  try:
+    analysis = compiled.memory_analysis()
+    planned = (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
+               + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
+  except (AttributeError, NotImplementedError, TypeError):
+    planned = None
+  return compiled, seconds, planned
+
+
+def _median_seconds(run, warmup: int, steps: int) -> float:
+  """Median wall time of `run()` (which must block until done) after `warmup` calls."""
+  for _ in range(warmup):
+    run()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _device_peak_bytes() -> Optional[int]:
+  """Peak bytes the allocator reports (GPU/TPU); None where it keeps no statistics (CPU)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get('peak_bytes_in_use')
+
+
+def benchmark_setting(config: ml_collections.ConfigDict, setting: Setting, *, warmup: int = 2,
+                      steps: int = 10) -> Dict[str, Any]:
+  """Compiles and times the training and eval steps for one setting; returns one row."""
+  config = setting.apply(config)
+  state, train_step, eval_step = _steps(config)
+  batch = synthetic_batch(config)
+  train, train_compile_s, train_bytes = _compile(train_step, state, batch, donate_argnums=(0,))
+  evaluate, eval_compile_s, eval_bytes = _compile(eval_step, state, batch)
+
+  def run_train():
+    nonlocal state
+    state, metrics = train(state, batch)
+    jax.block_until_ready(metrics)
+
+  train_s = _median_seconds(run_train, warmup, steps)
+  eval_s = _median_seconds(lambda: jax.block_until_ready(evaluate(state, batch)), warmup, steps)
+  return {
+      'backend': jax.default_backend(),
+      'device': jax.devices()[0].device_kind,
+      'width_multiplier': setting.width_multiplier,
+      'batch_size': setting.batch_size,
+      'resolution': setting.resolution,
+      'form': config.model.form,
+      'dtype': setting.dtype,
+      'implementation': setting.implementation,
+      'resolved_implementation': depthwise.resolve_implementation(setting.implementation),
+      'train_img_s': round(setting.batch_size / train_s, 1),
+      'eval_img_s': round(setting.batch_size / eval_s, 1),
+      'train_step_ms': round(1e3 * train_s, 2),
+      'eval_step_ms': round(1e3 * eval_s, 2),
+      'train_compile_s': round(train_compile_s, 2),
+      'eval_compile_s': round(eval_compile_s, 2),
+      'train_planned_mb': train_bytes and round(train_bytes / 2**20, 1),
+      'eval_planned_mb': eval_bytes and round(eval_bytes / 2**20, 1),
+      'device_peak_mb': _device_peak_bytes() and round(_device_peak_bytes() / 2**20, 1),
+      'host_max_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+  }
+
+
+COLUMNS = ('width_multiplier', 'batch_size', 'resolution', 'dtype', 'resolved_implementation',
+           'train_img_s', 'eval_img_s', 'train_compile_s', 'eval_compile_s', 'train_planned_mb',
+           'device_peak_mb')
+
+
+def format_table(rows: Sequence[Dict[str, Any]]) -> str:
+  """A Markdown table of the main columns."""
+  lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
+  lines += ['| ' + ' | '.join(str(row[c]) for c in COLUMNS) + ' |' for row in rows]
+  return '\n'.join(lines)

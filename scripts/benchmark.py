@@ -1,0 +1,59 @@
+"""Train/eval images per second, compile time and memory of MobileNetV1 on synthetic batches.
+
+  python scripts/benchmark.py --config configs/cifar10.py --width_multipliers=0.25,0.5,1.0 \
+      --implementations=xla,shifted --json
+
+One row (or, with --json, one JSON line) per combination of the list flags;
+an empty list flag keeps the config's value. Uses whatever backend JAX sees.
+"""
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from ml_collections import config_flags
+
+from mobilenet import benchmark
+from mobilenet import config_base
+from mobilenet import errors
+
+config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
+flags.mark_flags_as_required(['config'])
+_IMPLEMENTATIONS = flags.DEFINE_list('implementations', [],
+                                     'Depthwise implementations, e.g. xla,shifted,auto.')
+_WIDTH_MULTIPLIERS = flags.DEFINE_list('width_multipliers', [], 'Width multipliers (alpha).')
+_BATCH_SIZES = flags.DEFINE_list('batch_sizes', [], 'Batch sizes.')
+_RESOLUTIONS = flags.DEFINE_list('resolutions', [], 'Input sides.')
+_DTYPES = flags.DEFINE_list('dtypes', [], 'Compute dtypes: float32, bfloat16.')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compiling.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps; the median is reported.')
+_JSON = flags.DEFINE_bool('json', False, 'Print one JSON object per setting instead of a table.')
+
+
+@errors.exit_on_user_error
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config = flags.FLAGS.config
+  grid = list(benchmark.settings_grid(
+      config, width_multipliers=[float(v) for v in _WIDTH_MULTIPLIERS.value],
+      batch_sizes=[int(v) for v in _BATCH_SIZES.value],
+      resolutions=[int(v) for v in _RESOLUTIONS.value], dtypes=_DTYPES.value,
+      implementations=_IMPLEMENTATIONS.value))
+  for setting in grid:  # Reject every bad value before the first compile.
+    config_base.validate(setting.apply(config))
+  rows = []
+  for setting in grid:
+    row = benchmark.benchmark_setting(config, setting, warmup=_WARMUP.value, steps=_STEPS.value)
+    rows.append(row)
+    if _JSON.value:
+      print(json.dumps(row), flush=True)
+  if not _JSON.value:
+    print(benchmark.format_table(rows))
+
+
+if __name__ == '__main__':
+  app.run(main)
