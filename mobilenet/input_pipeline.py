@@ -221,27 +221,31 @@ def _normalize(images: tf.Tensor, config, spec: _DatasetSpec) -> tf.Tensor:
   grayscale is repeated to 3 channels; RGB becomes luminance for 1 channel,
   normalized with the luminance-weighted mean and std (an approximation).
   """
-  images = tf.cast(images, tf.float32) / 255.0
+  images = tf.cast(images, tf.float32)
   resolution = config.model.resolution
   if images.shape[1:3] != (resolution, resolution):
     # Antialiasing matters only when shrinking and costs 10x when enlarging.
     images = tf.image.resize(images, (resolution, resolution),
                              antialias=resolution < images.shape[1])
-  mean = tf.constant(spec.mean, tf.float32)
-  std = tf.constant(spec.std, tf.float32)
+  mean = np.array(spec.mean, np.float32)
+  std = np.array(spec.std, np.float32)
   native, wanted = images.shape[-1], config.input.channels
   if native == 1 and wanted == 3:
     images = tf.repeat(images, 3, axis=-1)
   elif native == 3 and wanted == 1:
-    luminance = tf.constant([0.2989, 0.5870, 0.1140], tf.float32)
+    luminance = np.array([0.2989, 0.5870, 0.1140], np.float32)
     images = tf.image.rgb_to_grayscale(images)
-    mean = tf.reduce_sum(mean * luminance, keepdims=True)
-    std = tf.reduce_sum(std * luminance, keepdims=True)
+    mean, std = mean @ luminance, std @ luminance
   elif native != wanted:
     raise UserError(
         f'config.input.channels={wanted} is not supported for '
         f'{config.dataset} ({native} channels): use 1 or 3.')
-  return (images - mean) / std
+  # (x / 255 - mean) / std as one multiply-add, with the per-channel constants
+  # spelled out to the image shape: broadcasting a [C] vector is 2x slower.
+  shape = images.shape[1:]
+  scale = np.broadcast_to(1 / (255 * std), shape).astype(np.float32)
+  offset = np.broadcast_to(-mean / std, shape).astype(np.float32)
+  return images * scale + offset
 
 
 def _pad_crop_flip(images: tf.Tensor, draws: tf.Tensor, padding: int,
@@ -249,20 +253,27 @@ def _pad_crop_flip(images: tf.Tensor, draws: tf.Tensor, padding: int,
   """CIFAR-style augmentation of a batch, each example with its own draw.
 
   Zero-pads by `padding`, crops back to the original size at offsets
-  `draws[:, 0:2] mod (2 * padding + 1)` and flips where `draws[:, 2]` is odd
-  (if `flip`): one gather per axis instead of a per-example map.
+  `draws[:, 0:2] mod (2 * padding + 1)` and mirrors where `draws[:, 2]` is odd
+  (if `flip`). One `crop_and_resize` (nearest, at integer positions: an exact
+  copy; a box with x1 > x2 mirrors) is 2x faster than per-axis gathers.
+  Returns float32 pixels.
   """
-  height, width = images.shape[1], images.shape[2]
+  _, height, width, _ = images.shape
   images = tf.pad(images, [[0, 0], [padding, padding], [padding, padding],
                            [0, 0]])
-  offsets = draws[:, :2] % (2 * padding + 1)
-  rows = offsets[:, 0:1] + tf.range(height)[None]
-  cols = tf.range(width)[None]
+  offsets = tf.cast(draws[:, :2] % (2 * padding + 1), tf.float32)
+  # Normalized box corners: padded pixel p sits at p / (padded size - 1).
+  top = offsets[:, 0] / (height + 2 * padding - 1)
+  bottom = (offsets[:, 0] + height - 1) / (height + 2 * padding - 1)
+  left = offsets[:, 1] / (width + 2 * padding - 1)
+  right = (offsets[:, 1] + width - 1) / (width + 2 * padding - 1)
   if flip:
-    cols = tf.where(draws[:, 2:3] % 2 == 1, width - 1 - cols, cols)
-  cols = offsets[:, 1:2] + cols
-  images = tf.gather(images, rows, axis=1, batch_dims=1)
-  return tf.gather(images, cols, axis=2, batch_dims=1)
+    mirror = draws[:, 2] % 2 == 1
+    left, right = tf.where(mirror, right, left), tf.where(mirror, left, right)
+  boxes = tf.stack([top, left, bottom, right], axis=1)
+  return tf.image.crop_and_resize(
+      images, boxes, tf.range(tf.shape(images)[0]), (height, width),
+      method='nearest')
 
 
 def _decode_split(config, split: str) -> tuple[tf.Tensor, tf.Tensor]:
