@@ -7,6 +7,8 @@ values with a one-line `UserError` before any work starts.
 """
 import ml_collections
 
+from mobilenet.errors import UserError
+
 DATASETS = ('fashion_mnist', 'cifar10', 'cifar100', 'imagenet2012')
 FORMS = ('imagenet', 'cifar')
 CONV_TYPES = ('separable', 'standard')
@@ -81,3 +83,77 @@ def base_config() -> ml_collections.ConfigDict:
   config.label_smoothing = 0.0
   config.ema_decay = 0.0  # 0: no exponential moving average of the weights.
   return config
+
+
+def _require(condition: bool, field: str, value, requirement: str) -> None:
+  """Raises a one-line UserError naming the field, its value and the fix."""
+  if not condition:
+    raise UserError(f'config.{field}={value!r} {requirement}; '
+                    f'fix it in the config file or pass --config.{field}=<value>')
+
+
+def _require_choice(config: ml_collections.ConfigDict, field: str, choices) -> None:
+  value = config
+  for part in field.split('.'):
+    value = value[part]
+  _require(value in choices, field, value, f'is not one of {", ".join(map(str, choices))}')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every field a run depends on; raises UserError on the first bad one."""
+  from mobilenet import depthwise  # Here, not at the top: keeps the schema import-light.
+  _require_choice(config, 'dataset', DATASETS)
+  _require_choice(config, 'model.form', FORMS)
+  _require_choice(config, 'model.conv_type', CONV_TYPES)
+  _require_choice(config, 'model.activation', ACTIVATIONS)
+  _require_choice(config, 'model.dtype', DTYPES)
+  _require_choice(config, 'model.depthwise_implementation', ('auto',) + depthwise.IMPLEMENTATIONS)
+  _require_choice(config, 'optimizer.name', OPTIMIZERS)
+  _require_choice(config, 'schedule.name', SCHEDULES)
+  _require_choice(config, 'input.channels', (1, 3))
+  model = config.model
+  _require(model.width_multiplier > 0, 'model.width_multiplier', model.width_multiplier,
+           'must be > 0 (the paper uses 1.0, 0.75, 0.5, 0.25)')
+  _require(model.resolution >= 8, 'model.resolution', model.resolution,
+           'must be at least 8 pixels (the paper uses 224, 192, 160, 128)')
+  _require(model.num_classes >= 2, 'model.num_classes', model.num_classes, 'must be at least 2')
+  _require(model.min_channels >= 1, 'model.min_channels', model.min_channels, 'must be >= 1')
+  _require(0 <= model.dropout_rate < 1, 'model.dropout_rate', model.dropout_rate,
+           'must be in [0, 1)')
+  _require(0 < model.batch_norm_momentum < 1, 'model.batch_norm_momentum',
+           model.batch_norm_momentum, 'must be in (0, 1)')
+  _require(model.batch_norm_epsilon > 0, 'model.batch_norm_epsilon', model.batch_norm_epsilon,
+           'must be > 0')
+  for field in ('batch_size', 'eval_batch_size', 'keep_checkpoints'):
+    _require(config[field] >= 1, field, config[field], 'must be a positive integer')
+  _require(config.num_train_steps > 0 or (config.num_train_steps == -1 and config.num_epochs > 0),
+           'num_train_steps', config.num_train_steps,
+           'must be > 0, or -1 with config.num_epochs > 0')
+  for field in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps'):
+    _require(config[field] >= 1 or config[field] == -1, field, config[field],
+             'must be a positive number of steps (or -1 for the default)')
+  optimizer = config.optimizer
+  _require(optimizer.learning_rate > 0, 'optimizer.learning_rate', optimizer.learning_rate,
+           'must be > 0')
+  _require(optimizer.weight_decay >= 0, 'optimizer.weight_decay', optimizer.weight_decay,
+           'must be >= 0')
+  _require(optimizer.grad_clip_norm >= 0, 'optimizer.grad_clip_norm', optimizer.grad_clip_norm,
+           'must be >= 0 (0 turns clipping off)')
+  _require(0 <= optimizer.momentum < 1, 'optimizer.momentum', optimizer.momentum,
+           'must be in [0, 1)')
+  _require(config.schedule.warmup_epochs >= 0, 'schedule.warmup_epochs',
+           config.schedule.warmup_epochs, 'must be >= 0')
+  _require(0 < config.schedule.decay_rate <= 1, 'schedule.decay_rate', config.schedule.decay_rate,
+           'must be in (0, 1]')
+  _require(config.schedule.decay_epochs > 0, 'schedule.decay_epochs', config.schedule.decay_epochs,
+           'must be > 0')
+  _require(0 <= config.label_smoothing < 1, 'label_smoothing', config.label_smoothing,
+           'must be in [0, 1)')
+  _require(0 <= config.ema_decay < 1, 'ema_decay', config.ema_decay,
+           'must be in [0, 1) (0 turns the moving average off)')
+  _require(0 < config.input.min_crop_area <= 1, 'input.min_crop_area', config.input.min_crop_area,
+           'must be in (0, 1]')
+  _require(0 < config.input.eval_crop_fraction <= 1, 'input.eval_crop_fraction',
+           config.input.eval_crop_fraction, 'must be in (0, 1]')
+  _require(config.input.random_crop_padding >= 0, 'input.random_crop_padding',
+           config.input.random_crop_padding, 'must be >= 0')

@@ -1,0 +1,49 @@
+"""Prints the per-layer parameter and mult-add table of a MobileNetV1 variant.
+
+  python scripts/count_params.py --config configs/imagenet.py
+  python scripts/count_params.py --config configs/cifar10.py --config.model.width_multiplier=0.5 --json
+  python scripts/count_params.py --example   # the design notes' 5x5x3 -> 4 example
+"""
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from mobilenet import config_base, counting, errors  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+_JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of the table.')
+_EXAMPLE = flags.DEFINE_bool('example', False, "Print the design notes' standard vs separable example.")
+
+
+@errors.exit_on_user_error
+def main(argv):
+  if len(argv) > 1:
+    raise errors.UserError(f'unexpected arguments {argv[1:]}; pass settings as --config.x=y')
+  if _EXAMPLE.value:
+    example = counting.design_notes_example()
+    print(json.dumps(example) if _JSON.value else counting.format_design_notes_example(example))
+    return
+  if _CONFIG.value is None:
+    raise errors.UserError('no config given; pass --config configs/<file>.py (or --example)')
+  config = _CONFIG.value
+  config_base.validate(config)
+  specs = counting.model_layer_specs(config)
+  if _JSON.value:
+    print(json.dumps({**counting.totals(specs).as_dict(),
+                      'layers': [{'name': s.name, 'type': s.kind, 'kernel_shape': s.kernel_shape,
+                                  'output_size': s.out_size, 'params': s.params,
+                                  'mult_adds': s.mult_adds} for s in specs]}))
+  else:
+    model = config.model
+    print(f'MobileNetV1 {model.form} form, alpha {model.width_multiplier}, resolution '
+          f'{model.resolution}, {model.conv_type} convolutions, {model.num_classes} classes\n')
+    print(counting.format_table(specs))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,117 @@
+"""The analytic counts against the paper, TF-slim, Flax's parameters and XLA's cost analysis."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from mobilenet import architecture, counting, layers
+from mobilenet.model import MobileNetV1
+
+
+def imagenet_totals(**kwargs) -> counting.Totals:
+  return counting.totals(architecture.layer_specs(**kwargs))
+
+
+def test_design_notes_example():
+  example = counting.design_notes_example()
+  assert (example['N_std'], example['N_dw'], example['N_pw'], example['N_sep']) == (108, 27, 12, 39)
+
+
+@pytest.mark.parametrize('alpha, mult_adds_millions, params_millions', [
+    (1.0, 569, 4.2), (0.75, 325, 2.6), (0.5, 149, 1.3), (0.25, 41, 0.5)])
+def test_table6_width_multiplier(alpha, mult_adds_millions, params_millions):
+  total = imagenet_totals(width_multiplier=alpha)
+  assert abs(total.mult_adds / 1e6 - mult_adds_millions) < 1
+  assert abs(total.params / 1e6 - params_millions) < 0.1
+
+
+@pytest.mark.parametrize('resolution, mult_adds_millions', [
+    (224, 569), (192, 418), (160, 290), (128, 186)])
+def test_table7_resolution(resolution, mult_adds_millions):
+  assert abs(imagenet_totals(resolution=resolution).mult_adds / 1e6 - mult_adds_millions) < 1
+
+
+def test_table4_conv_mobilenet():
+  specs = architecture.layer_specs(conv_type='standard')
+  body = counting.totals(specs[:-1])  # Table 4's 4866 leaves the classifier out.
+  assert abs(body.mult_adds / 1e6 - 4866) < 1
+  assert abs(counting.totals(specs).params / 1e6 - 29.3) < 0.1
+
+
+def test_table3_one_layer_at_14x14x512():
+  full = architecture.LayerSpec('full', 'standard', 3, 1, 512, 512, 14, 14)
+  depthwise = architecture.LayerSpec('dw', 'depthwise', 3, 1, 512, 512, 14, 14)
+  pointwise = architecture.LayerSpec('pw', 'pointwise', 1, 1, 512, 512, 14, 14)
+  assert round(full.mult_adds / 1e6) == 462 and round(full.weights / 1e6, 2) == 2.36
+  assert round((depthwise.mult_adds + pointwise.mult_adds) / 1e6, 1) == 52.3
+  assert round((depthwise.weights + pointwise.weights) / 1e6, 2) == 0.27
+
+
+@pytest.mark.parametrize('alpha, resolution, weights, mult_adds', [
+    (1.0, 224, 3_185_088, 567_716_352), (0.75, 128, 1_800_144, 106_002_432)])
+def test_tf_slim_body_is_exact(alpha, resolution, weights, mult_adds):
+  body = counting.totals(architecture.layer_specs(width_multiplier=alpha,
+                                                  resolution=resolution)[:-1])
+  assert (body.weights, body.mult_adds) == (weights, mult_adds)
+
+
+def test_second_to_last_depthwise_keeps_7x7():
+  specs = {spec.name: spec for spec in architecture.layer_specs()}
+  assert specs['block_13/depthwise'].in_size == specs['block_13/depthwise'].out_size == 7
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(width_multiplier=1.0, resolution=224, form='imagenet'),
+    dict(width_multiplier=0.25, resolution=192, form='imagenet', num_classes=10),
+    dict(width_multiplier=0.5, resolution=32, form='cifar', num_classes=100),
+    dict(width_multiplier=0.75, resolution=28, form='cifar', num_classes=10, input_channels=1),
+    dict(width_multiplier=0.5, resolution=32, form='cifar', conv_type='standard'),
+])
+def test_counts_equal_initialized_flax_parameters(kwargs):
+  input_channels = kwargs.pop('input_channels', 3)
+  specs = architecture.layer_specs(**kwargs, input_channels=input_channels)
+  model = MobileNetV1(**{k: v for k, v in kwargs.items() if k != 'resolution'})
+  shape = (1, kwargs['resolution'], kwargs['resolution'], input_channels)
+  flax_counts = counting.initialized_counts(model, shape)
+  for spec in specs:
+    assert flax_counts['params'][spec.name] == spec.weights + spec.biases, spec.name
+  total = counting.totals(specs)
+  assert sum(flax_counts['params'].values()) == total.params
+  assert sum(flax_counts['batch_stats'].values()) == total.batch_stats
+
+
+def single_layer(spec: architecture.LayerSpec) -> nn.Module:
+  """The Flax layer a spec describes, alone, with XLA's own convolution.
+
+  'VALID' padding on an input already grown by the 'SAME' padding: XLA's cost
+  analysis leaves out some taps that fall on padding, the paper's count does not.
+  """
+  if spec.kind == 'depthwise':
+    return layers.DepthwiseConv(spec.kernel_size, spec.stride, padding='VALID',
+                                implementation='xla')
+  if spec.kind == 'pointwise':
+    return layers.PointwiseConv(spec.out_channels)
+  if spec.kind == 'dense':
+    return nn.Dense(spec.out_channels)
+  return nn.Conv(spec.out_channels, (spec.kernel_size,) * 2, spec.stride, padding='VALID',
+                 use_bias=False)
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(width_multiplier=0.25, resolution=64, form='imagenet', num_classes=10),
+    dict(width_multiplier=0.5, resolution=32, form='cifar', conv_type='standard', num_classes=10),
+])
+def test_counts_equal_xla_cost_analysis(kwargs):
+  """Every layer's mult-adds equal half of XLA's flops for that layer alone."""
+  for spec in architecture.layer_specs(**kwargs):
+    layer = single_layer(spec)
+    padded_size = (spec.out_size - 1) * spec.stride + spec.kernel_size
+    shape = ((1, spec.in_channels) if spec.kind == 'dense' else
+             (1, padded_size, padded_size, spec.in_channels))
+    inputs = jnp.zeros(shape)
+    variables = jax.eval_shape(layer.init, jax.random.key(0), inputs)
+    cost = jax.jit(layer.apply).lower(variables, inputs).compile().cost_analysis()
+    if spec.kind == 'dense':  # XLA counts K multiplies and K - 1 adds per output, bias aside.
+      assert abs(cost['flops'] / 2 - spec.mult_adds) <= spec.out_channels, spec.name
+    else:
+      assert cost['flops'] / 2 == spec.mult_adds, spec.name
