@@ -28,6 +28,7 @@ import dataclasses
 import math
 import os
 import socket
+import threading
 from typing import Iterator
 import urllib.parse
 
@@ -127,15 +128,25 @@ def _missing_data_message(builder, reason: str) -> str:
 
 
 def _host_reachable(url: str) -> bool:
-  """Whether a TCP connection to the URL's host opens within a few seconds."""
+  """Whether a TCP connection to the URL's host opens within a few seconds.
+
+  Runs in a daemon thread because the connect timeout does not bound the DNS
+  lookup, which can hang for tens of seconds on a machine without network.
+  """
   parsed = urllib.parse.urlparse(url)
   port = parsed.port or (443 if parsed.scheme == 'https' else 80)
-  try:
-    with socket.create_connection((parsed.hostname, port),
-                                  timeout=NETWORK_PROBE_TIMEOUT_S):
-      return True
-  except OSError:
-    return False
+  connected = threading.Event()
+
+  def connect():
+    try:
+      with socket.create_connection((parsed.hostname, port),
+                                    timeout=NETWORK_PROBE_TIMEOUT_S):
+        connected.set()
+    except OSError:
+      pass
+
+  threading.Thread(target=connect, daemon=True).start()
+  return connected.wait(NETWORK_PROBE_TIMEOUT_S)
 
 
 def ensure_available(config) -> None:
@@ -178,7 +189,7 @@ def ensure_available(config) -> None:
 
 def _num_examples(builder, split: str) -> int:
   if split not in builder.info.splits:
-    raise UserError(_missing_data_message(builder, f'no {split!r} split'))
+    raise UserError(_missing_data_message(builder, f'no {split!r} split there'))
   return builder.info.splits[split].num_examples
 
 
