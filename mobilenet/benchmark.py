@@ -8,6 +8,7 @@ plans for the step. No dataset is read: inputs are random images of the
 configured shape, so the numbers measure the model and step alone.
 """
 import dataclasses
+import functools
 import itertools
 import resource
 import statistics
@@ -59,61 +60,27 @@ def synthetic_batch(config: ml_collections.ConfigDict) -> Dict[str, jnp.ndarray]
   shape = (config.batch_size, config.model.resolution, config.model.resolution,
            config.input.channels)
   return {'image': jnp.asarray(rng.standard_normal(shape, np.float32)),
-          'label': jnp.asarray(rng.integers(0, config.model.num_classes, config.batch_size))}
+          'label': jnp.asarray(rng.integers(0, config.model.num_classes, config.batch_size)),
+          'mask': jnp.ones((config.batch_size,), jnp.bool_)}
 
 
 def _steps(config: ml_collections.ConfigDict):
   """(state, train_step(state, batch) -> (state, metrics), eval_step(state, batch) -> metrics).
 
-  Uses the project's train_step module when present, so the benchmark times
-  the real training step; otherwise a minimal SGD-momentum step on the model.
+  The project's own TrainState, optimizer and steps (train_step.py, optim.py),
+  so the benchmark times the real training step.
   """
-  try:
-    from mobilenet import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    train_step_lib = None
-  if train_step_lib is not None:
-    return _project_steps(train_step_lib, config)
-  return _minimal_steps(config)
-
-
-def _project_steps(train_step_lib, config):
-  """The project's TrainState and steps (mobilenet/train_step.py)."""
+  from mobilenet import optim  # pylint: disable=g-import-not-at-top
+  from mobilenet import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
   model = model_lib.create_model(config.model)
-  state = train_step_lib.create_train_state(config, model, jax.random.key(config.seed),
-                                            steps_per_epoch=100)
-  train_step = lambda state, batch: train_step_lib.train_step(state, batch, config=config)
-  eval_step = lambda state, batch: train_step_lib.eval_step(state, batch, config=config)
-  return state, train_step, eval_step
-
-
-def _minimal_steps(config):
-  """Cross-entropy + SGD with momentum: the step that the project's will replace."""
-  import optax  # pylint: disable=g-import-not-at-top
-  model = model_lib.create_model(config.model)
-  shape = (1, config.model.resolution, config.model.resolution, config.input.channels)
-  variables = model.init(jax.random.key(config.seed), jnp.zeros(shape), train=False)
-  tx = optax.sgd(config.optimizer.learning_rate, momentum=config.optimizer.momentum)
-  state = {'params': variables['params'], 'batch_stats': variables['batch_stats'],
-           'opt_state': tx.init(variables['params'])}
-
-  def train_step(state, batch):
-    def loss_fn(params):
-      logits, updates = model.apply({'params': params, 'batch_stats': state['batch_stats']},
-                                    batch['image'], train=True, mutable=['batch_stats'])
-      labels = jax.nn.one_hot(batch['label'], logits.shape[-1])
-      return optax.softmax_cross_entropy(logits, labels).mean(), updates['batch_stats']
-
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
-    return {'params': params, 'batch_stats': batch_stats, 'opt_state': opt_state}, {'loss': loss}
-
-  def eval_step(state, batch):
-    logits = model.apply({'params': state['params'], 'batch_stats': state['batch_stats']},
-                         batch['image'], train=False)
-    return {'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label'])}
-
+  schedule = optim.learning_rate_schedule(config, steps_per_epoch=100, total_steps=10_000)
+  tx = optim.create_optimizer(config, schedule)
+  image_shape = (config.model.resolution, config.model.resolution, config.input.channels)
+  state = train_step_lib.create_train_state(model, tx, config, image_shape)
+  train_step = functools.partial(train_step_lib.train_step, model=model, tx=tx,
+                                 schedule=schedule, config=config)
+  eval_step = functools.partial(train_step_lib.eval_step, model=model, config=config,
+                                use_ema=False)
   return state, train_step, eval_step
 
 

@@ -16,23 +16,31 @@ computed from input channel `c`. `DepthwiseConv` in layers.py picks one by name.
   products reduced over N, H, W. XLA fuses each of the three into loops over
   the activations, so the work is the minimal 2 * kh * kw flops per element.
 """
+import ctypes
 import functools
-from typing import Sequence, Tuple, Union
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+from typing import Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Padding = Union[str, Sequence[Tuple[int, int]]]
 
-IMPLEMENTATIONS = ('xla', 'shifted')
+IMPLEMENTATIONS = ('xla', 'shifted', 'cpu_kernel')
 
 # What 'auto' picks per backend (see docs/performance.md for the measurements
 # and reasons). CPU: measured here. GPU: cuDNN's grouped-conv forward is fine
 # but its filter gradient goes through the slow grouped backward (jax #13800);
 # the shifted form is a few fused elementwise kernels, so it is chosen.
 # TPU: XLA's TPU convolution emitter handles depthwise natively; keep it.
-AUTO_BY_BACKEND = {'cpu': 'shifted', 'gpu': 'shifted', 'cuda': 'shifted', 'rocm': 'shifted',
+AUTO_BY_BACKEND = {'cpu': 'cpu_kernel', 'gpu': 'shifted', 'cuda': 'shifted', 'rocm': 'shifted',
                    'tpu': 'xla'}
 
 
@@ -196,13 +204,113 @@ def depthwise_conv_shifted(inputs, kernel, strides, padding):
   return _shifted_depthwise(inputs, kernel.reshape(kh, kw, out_channels), tuple(strides), pads)
 
 
-_REGISTRY = {'xla': depthwise_conv_xla, 'shifted': depthwise_conv_shifted}
+_KERNEL_SOURCE = pathlib.Path(__file__).with_name('depthwise_cpu.cc')
+_KERNEL_TARGETS = {'forward': 'DepthwiseForward', 'input_grad': 'DepthwiseInputGrad',
+                   'filter_grad': 'DepthwiseFilterGrad'}
+
+
+def _kernel_cache_dir() -> pathlib.Path:
+  """Where the compiled kernel is kept ($MOBILENET_CACHE_DIR, else ~/.cache/mobilenet)."""
+  default = pathlib.Path.home() / '.cache' / 'mobilenet'
+  return pathlib.Path(os.environ.get('MOBILENET_CACHE_DIR', default))
+
+
+def build_cpu_kernel() -> pathlib.Path:
+  """Compiles depthwise_cpu.cc against jaxlib's FFI headers once per source and jaxlib version."""
+  source = _KERNEL_SOURCE.read_bytes()
+  key = hashlib.sha256(source + jax.__version__.encode()).hexdigest()[:16]
+  library = _kernel_cache_dir() / f'depthwise_cpu_{key}.so'
+  if library.exists():
+    return library
+  compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
+  if compiler is None:
+    raise RuntimeError('no C++ compiler (g++) found to build the depthwise CPU kernel')
+  library.parent.mkdir(parents=True, exist_ok=True)
+  # Build beside the target and rename, so concurrent builds never load a half-written file.
+  with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+    partial = pathlib.Path(tmp) / library.name
+    subprocess.run([compiler, '-O3', '-march=native', '-std=c++17', '-shared', '-fPIC',
+                    '-w', f'-I{jax.ffi.include_dir()}', str(_KERNEL_SOURCE), '-o', str(partial),
+                    '-lpthread'], check=True, capture_output=True)
+    os.replace(partial, library)
+  return library
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_kernel_error() -> Optional[str]:
+  """Builds and registers the CPU kernel once; returns None on success, else why not."""
+  try:
+    library = ctypes.cdll.LoadLibrary(str(build_cpu_kernel()))
+  except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
+    detail = getattr(error, 'stderr', b'') or b''
+    return f'{error} {detail.decode(errors="replace")[-500:]}'.strip()
+  for name, symbol in _KERNEL_TARGETS.items():
+    jax.ffi.register_ffi_target(f'mobilenet_depthwise_{name}',
+                                jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
+  return None
+
+
+def _kernel_call(name, out_shape, first, second, strides, pads):
+  """Calls one compiled kernel on float32 operands."""
+  return jax.ffi.ffi_call(f'mobilenet_depthwise_{name}',
+                          jax.ShapeDtypeStruct(out_shape, jnp.float32))(
+                              first, second, sh=np.int64(strides[0]), sw=np.int64(strides[1]),
+                              pt=np.int64(pads[0][0]), pl=np.int64(pads[1][0]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _kernel_depthwise(x, w, strides, pads):
+  """Multiplier-1 depthwise conv on the CPU kernel; x (N, H, W, C) float32, w (kh, kw, C)."""
+  out_h = _output_size(x.shape[1], w.shape[0], strides[0], pads[0])
+  out_w = _output_size(x.shape[2], w.shape[1], strides[1], pads[1])
+  return _kernel_call('forward', (x.shape[0], out_h, out_w, x.shape[3]), x, w, strides, pads)
+
+
+def _kernel_depthwise_fwd(x, w, strides, pads):
+  return _kernel_depthwise(x, w, strides, pads), (x, w)
+
+
+def _kernel_depthwise_bwd(strides, pads, residuals, g):
+  x, w = residuals
+  dx = _kernel_call('input_grad', x.shape, g, w, strides, pads)
+  dw = _kernel_call('filter_grad', w.shape, x, g, strides, pads)
+  return dx, dw
+
+
+_kernel_depthwise.defvjp(_kernel_depthwise_fwd, _kernel_depthwise_bwd)
+
+
+def depthwise_conv_cpu_kernel(inputs, kernel, strides, padding):
+  """The C++ CPU kernel with the same layout and semantics as `depthwise_conv_xla`."""
+  error = cpu_kernel_error()
+  if error is not None:
+    raise RuntimeError(f"depthwise implementation 'cpu_kernel' is unavailable: {error}")
+  kh, kw, _, out_channels = kernel.shape
+  multiplier = out_channels // inputs.shape[-1]
+  if multiplier > 1:
+    inputs = jnp.repeat(inputs, multiplier, axis=-1)  # As in depthwise_conv_shifted.
+  pads = explicit_padding(inputs.shape[1:3], (kh, kw), strides, padding)
+  out = _kernel_depthwise(inputs.astype(jnp.float32),
+                          kernel.reshape(kh, kw, out_channels).astype(jnp.float32),
+                          tuple(strides), pads)
+  return out.astype(inputs.dtype)
+
+
+_REGISTRY = {'xla': depthwise_conv_xla, 'shifted': depthwise_conv_shifted,
+             'cpu_kernel': depthwise_conv_cpu_kernel}
 
 
 def resolve_implementation(name: str, backend: str = None) -> str:
-  """Maps 'auto' to the fastest implementation measured on `backend` (default: JAX's)."""
+  """Maps 'auto' to the fastest implementation measured on `backend` (default: JAX's).
+
+  On CPU 'auto' falls back to 'shifted' when the C++ kernel cannot be built.
+  """
   if name == 'auto':
-    return AUTO_BY_BACKEND.get(backend or jax.default_backend(), 'xla')
+    backend = backend or jax.default_backend()
+    choice = AUTO_BY_BACKEND.get(backend, 'xla')
+    if choice == 'cpu_kernel' and cpu_kernel_error() is not None:
+      choice = 'shifted'
+    return choice
   if name not in IMPLEMENTATIONS:
     raise ValueError(f'unknown depthwise implementation {name!r}; choose one of {IMPLEMENTATIONS} or "auto"')
   return name
