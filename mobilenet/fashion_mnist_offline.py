@@ -16,6 +16,8 @@ from absl import logging
 import tensorflow_datasets as tfds
 from tensorflow_datasets.image_classification import mnist
 
+from mobilenet.errors import UserError
+
 DEBIAN_DIR = '/usr/share/datasets/fashion-mnist'
 FILENAMES = (
     'train-images-idx3-ubyte.gz',
@@ -73,8 +75,9 @@ def prepare(data_dir: str | None, source_dir: str = DEBIAN_DIR) -> bool:
   """Writes TFDS's `fashion_mnist` into `data_dir` from the local IDX files.
 
   Idempotent: returns False without work when the dataset is already prepared
-  in `data_dir`, True after preparing it (about 10-30 s on 2 CPU cores). The
-  decompressed files live in a temporary directory that is removed afterwards.
+  in `data_dir`, True after preparing it (about 30 s on 2 CPU cores, logging
+  progress). The decompressed files live in a temporary directory that is
+  removed afterwards. Raises UserError if a source file is missing.
 
   Args:
     data_dir: TFDS data dir (local or gs://); None for TFDS's default.
@@ -84,6 +87,11 @@ def prepare(data_dir: str | None, source_dir: str = DEBIAN_DIR) -> bool:
   if registered.is_prepared():
     logging.info('fashion_mnist is already prepared in %s', registered.data_dir)
     return False
+  if not debian_files_available(source_dir):
+    raise UserError(
+        f'Fashion-MNIST files {", ".join(FILENAMES)} are not all in '
+        f'{source_dir}: install the Debian package dataset-fashion-mnist '
+        '(or pass their directory as source_dir).')
   builder = _LocalFashionMNIST(source_dir=source_dir, data_dir=data_dir)
   logging.info(
       'Preparing fashion_mnist in %s from %s (offline)...',

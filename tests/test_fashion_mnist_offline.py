@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mobilenet import config_base, fashion_mnist_offline, input_pipeline
+from mobilenet import config_base, errors, fashion_mnist_offline, input_pipeline
 
 pytestmark = pytest.mark.skipif(
     not fashion_mnist_offline.debian_files_available(),
@@ -96,3 +96,8 @@ def test_eval_pipeline_sees_each_test_example_once(data_dir):
   labels = np.concatenate([b['label'][b['mask']] for b in batches])
   np.testing.assert_array_equal(labels, _split(data_dir, 'test')[1])
   assert batches[0]['image'].shape == (384, 28, 28, 1)
+
+
+def test_missing_source_files_raise_a_user_error(tmp_path):
+  with pytest.raises(errors.UserError, match='dataset-fashion-mnist'):
+    fashion_mnist_offline.prepare(str(tmp_path), source_dir=str(tmp_path))

@@ -1,0 +1,31 @@
+"""Prepares TFDS's fashion_mnist offline from the Debian package's files.
+
+  python scripts/prepare_fashion_mnist.py --data_dir ~/tensorflow_datasets
+
+Training does this by itself when fashion_mnist is missing; this script does
+it ahead of time. A second run is a no-op. See mobilenet/fashion_mnist_offline.py.
+"""
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from absl import app, flags, logging  # noqa: E402
+
+from mobilenet import errors, fashion_mnist_offline  # noqa: E402
+
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data dir; default: TFDS_DATA_DIR, else ~/tensorflow_datasets.')
+_SOURCE_DIR = flags.DEFINE_string('source_dir', fashion_mnist_offline.DEBIAN_DIR,
+                                  'Directory with the four *-ubyte.gz files.')
+
+
+@errors.exit_on_user_error
+def main(argv):
+  if len(argv) > 1:
+    raise errors.UserError(f'unexpected arguments {argv[1:]}; use --data_dir and --source_dir')
+  logging.set_verbosity(logging.INFO)
+  fashion_mnist_offline.prepare(_DATA_DIR.value, _SOURCE_DIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
