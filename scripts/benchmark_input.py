@@ -15,7 +15,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mobilenet import errors, input_benchmark, input_pipeline  # noqa: E402
+from mobilenet import config_base, errors, input_benchmark, input_pipeline  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
 _NUM_BATCHES = flags.DEFINE_integer('num_batches', 200, 'Batches timed per pipeline, after the first.')
@@ -38,6 +38,7 @@ def main(argv):
   if _CONFIG.value is None:
     raise errors.UserError('no config given; pass --config configs/<file>.py')
   config = _CONFIG.value
+  config_base.validate(config)  # A bad field must not pass for a missing dataset.
   try:
     input_pipeline.ensure_available(config)
   except errors.UserError as error:

@@ -96,6 +96,11 @@ def test_eval_pipeline_sees_each_test_example_once(data_dir):
   labels = np.concatenate([b['label'][b['mask']] for b in batches])
   np.testing.assert_array_equal(labels, _split(data_dir, 'test')[1])
   assert batches[0]['image'].shape == (384, 28, 28, 1)
+  config.input.channels = 3
+  config.model.resolution = 32
+  image = next(input_pipeline.create_eval_iterator(config))['image']
+  assert image.shape == (384, 32, 32, 3)
+  np.testing.assert_array_equal(image[..., 0], image[..., 2])  # Gray as RGB.
 
 
 def test_missing_source_files_raise_a_user_error(tmp_path):
