@@ -1,0 +1,221 @@
+"""Training and evaluation loop: `train_and_evaluate(config, workdir)`.
+
+One command trains on this CPU, one GPU, or a multi-host slice: the state is
+replicated and the global batch sharded over a one-axis device mesh
+(parallel.py); rerunning the same command resumes from the newest readable
+checkpoint, including the data position, since batch k is a pure function of
+(config.seed, k) (input_pipeline.py) and so is the dropout key (train_step.py).
+"""
+import functools
+import json
+import os
+import pathlib
+import signal
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from mobilenet import checkpointing, config_base, counting, metrics, optim, parallel
+from mobilenet.errors import UserError
+from mobilenet.model import create_model
+from mobilenet.train_step import TrainState, create_train_state, eval_step, train_step
+
+CONFIG_FILE = 'config.json'
+# Config sections that decide the shape of the state: a workdir's run cannot change them.
+ARCHITECTURE_FIELDS = ('dataset', 'model', 'optimizer.name')
+
+
+def _config_value(config: ml_collections.ConfigDict | dict, dotted: str):
+  value = config
+  for part in dotted.split('.'):
+    value = value[part]
+  return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+
+
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> pathlib.Path:
+  """Checks, then creates, the workdir and records the config; refuses a mismatched resume.
+
+  Checks come first, so that bad input leaves an existing workdir untouched.
+  """
+  path = pathlib.Path(workdir).absolute()
+  if path.exists() and not path.is_dir():
+    raise UserError(f'--workdir {path} is a file, not a folder; pass a folder path')
+  existing = path
+  while not existing.exists():
+    existing = existing.parent
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise UserError(f'--workdir {path} is not writable ({existing} denies writing); pass a '
+                    'folder you can write to')
+  saved_file = path / CONFIG_FILE
+  if saved_file.exists():
+    saved = json.loads(saved_file.read_text())
+    for field in ARCHITECTURE_FIELDS:
+      old, new = _config_value(saved, field), _config_value(config, field)
+      if old != new:
+        raise UserError(f'--workdir {path} holds a run with a different config.{field} '
+                        f'({old} there, {new} now); pass a new --workdir to start another run')
+  if jax.process_index() == 0:
+    path.mkdir(parents=True, exist_ok=True)
+    saved_file.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+  return path
+
+
+def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """config.num_train_steps, or num_epochs worth of steps when it is -1."""
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  return max(int(config.num_epochs * steps_per_epoch), 1)
+
+
+class _PreemptionFlag:
+  """Turns SIGTERM into a flag the loop checks, so it can save before exiting."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.raised = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def evaluate(state: TrainState, eval_fn, config: ml_collections.ConfigDict,
+             sharding) -> dict[str, float]:
+  """Loss, top-1 and top-5 over the whole test split, each example exactly once."""
+  from mobilenet import input_pipeline  # TensorFlow is imported with the data, not before.
+  totals = None
+  for batch in input_pipeline.create_eval_iterator(config):
+    sums = eval_fn(state, parallel.global_batch(batch, sharding))
+    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+  totals = jax.device_get(totals)
+  count = float(totals['count'])
+  return {'loss': float(totals['loss_sum']) / count, 'top1': float(totals['top1_hits']) / count,
+          'top5': float(totals['top5_hits']) / count, 'examples': count}
+
+
+def _summarize_train(pending: list, step: int, interval_start: float,
+                     batch_size: int) -> dict[str, float]:
+  """Means of the steps since the last report; stops the run on a non-finite loss."""
+  fetched = jax.device_get(pending)  # Waits for the asynchronously dispatched steps.
+  interval_seconds = time.perf_counter() - interval_start
+  nonfinite = sum(int(m['nonfinite']) for m in fetched)
+  if nonfinite:
+    raise NonFiniteLoss(step)
+  summary = {key: float(np.mean([m[key] for m in fetched])) for key in ('loss', 'accuracy')}
+  summary['learning_rate'] = float(fetched[-1]['learning_rate'])
+  summary['images_per_second'] = len(fetched) * batch_size / max(interval_seconds, 1e-9)
+  return summary
+
+
+class NonFiniteLoss(Exception):
+  """The loss or gradients became NaN or infinite."""
+
+  def __init__(self, step: int):
+    super().__init__(step)
+    self.step = step
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) the run in `workdir` to the end; returns the final eval metrics."""
+  config_base.validate(config)
+  parallel.check_batch_size(config.batch_size, 'batch_size')
+  parallel.check_batch_size(config.eval_batch_size, 'eval_batch_size')
+  from mobilenet import input_pipeline  # TensorFlow is imported with the data, not before.
+  input_pipeline.ensure_available(config)
+  info = input_pipeline.get_dataset_info(config)
+  if info.num_classes != config.model.num_classes:
+    raise UserError(f'config.model.num_classes={config.model.num_classes} but {info.name} has '
+                    f'{info.num_classes} classes; pass --config.model.num_classes={info.num_classes}')
+  workdir = prepare_workdir(workdir, config)
+
+  mesh = parallel.create_mesh()
+  replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  model = create_model(config.model)
+  steps_per_epoch = input_pipeline.steps_per_epoch(config)
+  num_steps = total_train_steps(config, steps_per_epoch)
+  schedule = optim.learning_rate_schedule(config, steps_per_epoch, num_steps)
+  tx = optim.create_optimizer(config, schedule)
+
+  init = jax.jit(functools.partial(create_train_state, model, tx, config, info.image_shape),
+                 out_shardings=replicated)
+  checkpoints = checkpointing.Checkpoints(workdir / 'checkpoints', config.keep_checkpoints)
+  state = checkpoints.restore_latest(checkpointing.abstract_like(jax.eval_shape(init), replicated))
+  if state is None:
+    state = init()
+  start_step = int(state.step)
+
+  writer = metrics.MetricWriter(workdir)
+  specs = counting.model_layer_specs(config)
+  model_counts = counting.totals(specs).as_dict()
+  if start_step == 0:
+    writer.write(0, 'model', model_counts)
+  logging.info('%s: %s; %d steps (%d per epoch), %d devices on %d hosts; %s', info.name,
+               f'MobileNetV1 alpha {config.model.width_multiplier} at {config.model.resolution}',
+               num_steps, steps_per_epoch, jax.device_count(), jax.process_count(),
+               f'resuming at step {start_step}' if start_step else 'starting')
+
+  train_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config),
+      in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
+      donate_argnums=0)
+  eval_fn = jax.jit(
+      functools.partial(eval_step, model=model, config=config, use_ema=config.ema_decay > 0),
+      in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+  eval_every = steps_per_epoch if config.eval_every_steps == -1 else config.eval_every_steps
+  log_every = config.log_every_steps if config.log_every_steps > 0 else 100
+  checkpoint_every = (config.checkpoint_every_steps if config.checkpoint_every_steps > 0
+                      else steps_per_epoch)
+
+  preemption = _PreemptionFlag()
+  progress = metrics.Progress(num_steps, start_step, config.batch_size)
+  train_batches = input_pipeline.create_train_iterator(config, start_step=start_step)
+  pending, interval_start = [], time.perf_counter()
+  eval_metrics = {}
+  try:
+    for step in range(start_step + 1, num_steps + 1):
+      state, step_metrics = train_fn(state, parallel.global_batch(next(train_batches),
+                                                                  batch_sharding))
+      pending.append(step_metrics)
+      progress.advance(step)
+      last = step == num_steps
+      will_save = last or step % checkpoint_every == 0 or preemption.raised
+      if step % log_every == 0 or will_save:
+        summary = _summarize_train(pending, step, interval_start, config.batch_size)
+        pending, interval_start = [], time.perf_counter()
+        writer.write(step, 'train', summary)
+        progress.report(step, f"loss {summary['loss']:.4f} acc {summary['accuracy']:.4f} "
+                              f"lr {summary['learning_rate']:.4g}")
+      if will_save:
+        checkpoints.save(step, state)
+      if preemption.raised:
+        checkpoints.wait()
+        logging.warning('SIGTERM at step %d: checkpoint saved in %s; rerun the same command to '
+                        'resume', step, workdir)
+        return {}
+      if last or step % eval_every == 0:
+        eval_metrics = evaluate(state, eval_fn, config, batch_sharding)
+        writer.write(step, 'eval', eval_metrics)
+        logging.info('eval at step %d: top-1 %.4f top-5 %.4f loss %.4f (%d examples)', step,
+                     eval_metrics['top1'], eval_metrics['top5'], eval_metrics['loss'],
+                     eval_metrics['examples'])
+        interval_start = time.perf_counter()
+    if start_step >= num_steps:  # Already finished: report the final accuracy again.
+      eval_metrics = evaluate(state, eval_fn, config, batch_sharding)
+  except NonFiniteLoss as error:
+    checkpoints.wait()
+    raise UserError(
+        f'the training loss became NaN or infinite by step {error.step}; the last good checkpoint '
+        f'(step {checkpoints.latest_step()}) is kept in {workdir}; lower '
+        '--config.optimizer.learning_rate or set --config.optimizer.grad_clip_norm') from None
+  finally:
+    preemption.restore()
+    progress.close()
+    checkpoints.close()
+    writer.close()
+  return {**eval_metrics, **{key: float(value) for key, value in model_counts.items()}}

@@ -1,0 +1,101 @@
+"""The training state and the pure, jit-able train and eval steps.
+
+Nothing here knows about files, flags or devices: `train.py` wraps these
+functions in `jax.jit` over a device mesh.
+"""
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs besides the data position (which is `step`)."""
+  step: jnp.ndarray
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  ema_params: Any  # An exponential moving average of params, or None when config.ema_decay is 0.
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
+                       config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> TrainState:
+  """Initializes parameters from config.seed (deterministic on any device count)."""
+  init_rng = jax.random.fold_in(jax.random.key(config.seed), 0)
+  variables = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  params = variables['params']
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+      ema_params=params if config.ema_decay > 0 else None)
+
+
+def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, num_classes: int,
+                  label_smoothing: float) -> jnp.ndarray:
+  """Per-example softmax cross-entropy against (optionally smoothed) one-hot labels."""
+  targets = jax.nn.one_hot(labels, num_classes)
+  if label_smoothing > 0:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def train_step(state: TrainState, batch: dict[str, jnp.ndarray], *, model: nn.Module,
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               config: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jnp.ndarray]]:
+  """One SGD step on a global batch; BatchNorm statistics are over the whole global batch.
+
+  A step whose loss or gradients are not finite leaves the state as it was and
+  reports `nonfinite` = 1, so the loop can stop with the last good state.
+  """
+  dropout_rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 1), state.step)
+
+  def loss_fn(params):
+    logits, updates = model.apply(
+        {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
+        mutable=['batch_stats'], rngs={'dropout': dropout_rng})
+    loss = cross_entropy(logits, batch['label'], config.model.num_classes,
+                         config.label_smoothing).mean()
+    return loss, (logits, updates['batch_stats'])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema_params = state.ema_params
+  if ema_params is not None:
+    ema_params = optax.incremental_update(params, ema_params, 1.0 - config.ema_decay)
+  finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+  new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state, ema_params=ema_params)
+  # Keep the old state (but count the step) when this one went non-finite.
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+                           state.replace(step=state.step + 1))
+  metrics = {
+      'loss': loss,
+      'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+      'learning_rate': schedule(state.step),
+      'nonfinite': 1 - finite.astype(jnp.int32),
+  }
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jnp.ndarray], *, model: nn.Module,
+              config: ml_collections.ConfigDict, use_ema: bool) -> dict[str, jnp.ndarray]:
+  """Sums of loss, top-1 and top-5 hits and example count over the masked (real) examples."""
+  params = state.ema_params if use_ema and state.ema_params is not None else state.params
+  logits = model.apply({'params': params, 'batch_stats': state.batch_stats}, batch['image'],
+                       train=False)
+  mask = batch['mask'].astype(jnp.float32)
+  labels = batch['label']
+  loss = cross_entropy(logits, labels, config.model.num_classes, 0.0)
+  top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+  return {
+      'loss_sum': jnp.sum(loss * mask),
+      'top1_hits': jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+      'top5_hits': jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
+      'count': jnp.sum(mask),
+  }
