@@ -415,11 +415,19 @@ def _resize_square(image: tf.Tensor, resolution: int) -> tf.Tensor:
   return tf.clip_by_value(image, 0.0, 255.0)
 
 
+def _epoch_seed(config, epoch: int) -> int:
+  """A Python-int seed per (seed, epoch), for TFDS file order and tf.data shuffle.
+
+  Distinct for all epochs below 100,003 (a prime), far more than any run has.
+  """
+  return config.seed * 100_003 + epoch
+
+
 def _read_records(config, split: str, *, epoch: int | None = None
                   ) -> tf.data.Dataset:
   """ImageNet records of `split` with undecoded images, files ordered by epoch."""
   read_config = tfds.ReadConfig(
-      shuffle_seed=None if epoch is None else config.seed * 100_003 + epoch)
+      shuffle_seed=None if epoch is None else _epoch_seed(config, epoch))
   return _builder(config).as_dataset(
       split=split, shuffle_files=epoch is not None, read_config=read_config,
       decoders={'image': tfds.decode.SkipDecoding()})
@@ -454,8 +462,7 @@ def _imagenet_train_epoch(config, spec: _DatasetSpec, epoch: int,
     return image, tf.cast(example['label'], tf.int32)
 
   ds = _read_records(config, _host_split('train'), epoch=epoch)
-  ds = ds.shuffle(config.input.shuffle_buffer,
-                  seed=config.seed * 100_003 + epoch)
+  ds = ds.shuffle(config.input.shuffle_buffer, seed=_epoch_seed(config, epoch))
   ds = ds.take(per_epoch * host_batch).enumerate()
   ds = ds.skip(skip_batches * host_batch)
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
