@@ -10,12 +10,15 @@ Two designs, both deterministic for a given `config.seed`:
   come from stateless random ops keyed by (seed, k). Each host takes its own
   slice of that global batch, so hosts never share an example in an epoch, the
   global batch does not depend on the number of hosts, and starting at any
-  step reads nothing before it.
+  step reads nothing before it. The last `num_train % batch_size` positions
+  of each epoch's permutation are not used. `config.input.cache` keeps the
+  decoded splits for later iterators (eval runs every epoch).
 * imagenet2012 streams JPEG records (decoded late, fused with the crop) in a
   per-epoch order fixed by (seed, epoch): file order, shuffle buffer and the
   per-example augmentation seeds. Starting at step k begins at k's epoch and
   skips the records of that epoch's earlier steps without decoding them;
-  earlier epochs are never read.
+  earlier epochs are never read. Only this pipeline uses
+  `config.input.shuffle_buffer`.
 
 Eval pipelines pass over the test split (imagenet2012: validation) exactly
 once: every host yields ceil(num_eval / eval_batch_size) batches, padded at
