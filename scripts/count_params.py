@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mobilenet import config_base, counting, errors  # noqa: E402
@@ -20,7 +20,6 @@ _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of the t
 _EXAMPLE = flags.DEFINE_bool('example', False, "Print the design notes' standard vs separable example.")
 
 
-@errors.exit_on_user_error
 def main(argv):
   if len(argv) > 1:
     raise errors.UserError(f'unexpected arguments {argv[1:]}; pass settings as --config.x=y')
@@ -46,4 +45,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

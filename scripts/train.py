@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mobilenet import errors, parallel, train  # noqa: E402
@@ -28,7 +28,6 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_p
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-@errors.exit_on_user_error
 def main(argv):
   if len(argv) > 1:
     raise errors.UserError(f'unexpected arguments {argv[1:]}; pass settings as --config.x=y')
@@ -38,4 +37,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)
