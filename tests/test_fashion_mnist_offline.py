@@ -22,12 +22,9 @@ def _config(data_dir):
   return config
 
 
-@pytest.fixture(scope='session')
-def data_dir(tmp_path_factory):
-  """A data dir where ensure_available prepared fashion_mnist (20-30 s)."""
-  data_dir = str(tmp_path_factory.mktemp('tfds'))
-  input_pipeline.ensure_available(_config(data_dir))
-  return data_dir
+@pytest.fixture
+def data_dir(fashion_mnist_data_dir):
+  return fashion_mnist_data_dir
 
 
 def _debian_array(filename, header_bytes):
