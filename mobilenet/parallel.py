@@ -27,9 +27,9 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def create_mesh() -> Mesh:
-  """A mesh over every device of every host, along the data axis."""
-  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+def create_mesh(devices=None) -> Mesh:
+  """A mesh over `devices` (default: every device of every host), along the data axis."""
+  return Mesh(np.asarray(jax.devices() if devices is None else devices), (DATA_AXIS,))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -68,7 +68,7 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], *, model: nn.Mo
   ema_params = state.ema_params
   if ema_params is not None:
     ema_params = optax.incremental_update(params, ema_params, 1.0 - config.ema_decay)
-  finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+  finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
   new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                          opt_state=opt_state, ema_params=ema_params)
   # Keep the old state (but count the step) when this one went non-finite.
