@@ -1,0 +1,278 @@
+"""Evaluates finished (or unfinished) runs and compares them: accuracy against size and cost.
+
+`evaluate_runs(workdirs, output_dir)` reads each workdir's config.json,
+restores its newest readable checkpoint (the EMA weights when the run kept
+them), evaluates top-1 and top-5 on the whole test split with the trainer's
+`train.evaluate`, and writes, in `output_dir`: results.csv, results.jsonl,
+accuracy_vs_params.png, accuracy_vs_mult_adds.png (the paper's Figures 4-5)
+and TensorBoard scalars with the parameter / mult-add count as the step. It
+returns the Markdown table, sorted by parameters. A workdir without a config
+or a checkpoint, or one that fails, becomes a row saying so.
+"""
+import csv
+import dataclasses
+import functools
+import glob
+import json
+import os
+import pathlib
+import re
+
+import jax
+import ml_collections
+from absl import logging
+
+from mobilenet import checkpointing, counting, optim, parallel, train
+from mobilenet.errors import UserError
+from mobilenet.model import create_model
+from mobilenet.train_step import create_train_state, eval_step
+
+# Orbax names a finished checkpoint by its step; unfinished ones carry a temporary suffix.
+_STEP_FOLDER = re.compile(r'^\d+$')
+
+
+@dataclasses.dataclass
+class RunResult:
+  """One row of the comparison: what the run is, how big, how accurate."""
+  workdir: str
+  status: str = 'ok'  # 'ok', or why the run has no accuracy.
+  width_multiplier: float | None = None
+  resolution: int | None = None
+  conv_type: str | None = None
+  params: int | None = None
+  mult_adds: int | None = None
+  step: int | None = None
+  ema: bool | None = None
+  top1: float | None = None
+  top5: float | None = None
+  loss: float | None = None
+  examples: int | None = None
+
+
+FIELDS = [field.name for field in dataclasses.fields(RunResult)]
+
+
+def expand_workdirs(patterns: list[str]) -> list[str]:
+  """Workdirs from paths or globs, in order; a pattern matching nothing stays (to be reported)."""
+  workdirs = []
+  for pattern in patterns:
+    matches = sorted(path for path in glob.glob(pattern) if os.path.isdir(path))
+    for path in matches or [pattern]:
+      if path not in workdirs:
+        workdirs.append(path)
+  return workdirs
+
+
+def default_output_dir(workdirs: list[str]) -> str:
+  """The folder the workdirs share: a sweep's folder for its variants."""
+  parents = [os.path.dirname(os.path.abspath(path)) for path in workdirs]
+  return os.path.commonpath(parents) if parents else '.'
+
+
+def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict | None:
+  """The config a run recorded in config.json, or None when there is none."""
+  path = pathlib.Path(workdir) / train.CONFIG_FILE
+  if not path.is_file():
+    return None
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def latest_checkpoint_step(workdir: str | pathlib.Path) -> int | None:
+  """The newest finished checkpoint's step, from the folder names alone (no Orbax, no TF)."""
+  folder = pathlib.Path(workdir) / 'checkpoints'
+  if not folder.is_dir():
+    return None
+  steps = [int(path.name) for path in folder.iterdir()
+           if path.is_dir() and _STEP_FOLDER.match(path.name)]
+  return max(steps, default=None)
+
+
+class _ReadOnlyCheckpoints(checkpointing.Checkpoints):
+  """`Checkpoints.restore_latest` on a manager that never creates, cleans or deletes.
+
+  The trainer's manager removes unfinished temporary folders when it opens;
+  evaluating a run that is still training must not remove the one being written.
+  """
+
+  def __init__(self, directory: str | pathlib.Path):  # pylint: disable=super-init-not-called
+    checkpointing._quiet_orbax()  # pylint: disable=protected-access
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    self._manager = ocp.CheckpointManager(
+        pathlib.Path(directory).absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
+                         steps_per_epoch: int, sharding) -> tuple:
+  """(model, abstract TrainState) of a run, built as train.py builds them, without computing.
+
+  Steps per epoch only shape the learning-rate schedule, never the state, but
+  they are passed through so the optimizer is exactly the trainer's.
+  """
+  model = create_model(config.model)
+  num_steps = train.total_train_steps(config, steps_per_epoch)
+  tx = optim.create_optimizer(
+      config, optim.learning_rate_schedule(config, steps_per_epoch, num_steps))
+  shapes = jax.eval_shape(functools.partial(create_train_state, model, tx, config, image_shape))
+  return model, checkpointing.abstract_like(shapes, sharding)
+
+
+def _describe(result: RunResult, config: ml_collections.ConfigDict) -> None:
+  """Fills in what the config alone tells: the variant and its counts."""
+  result.width_multiplier = float(config.model.width_multiplier)
+  result.resolution = int(config.model.resolution)
+  result.conv_type = config.model.conv_type
+  counts = counting.totals(counting.model_layer_specs(config))
+  result.params, result.mult_adds = counts.params, counts.mult_adds
+
+
+def evaluate_run(workdir: str, mesh, data_dir: str | None = None) -> RunResult:
+  """One run's row; problems a user can fix become its status instead of an exception."""
+  result = RunResult(workdir=workdir)
+  config = load_run_config(workdir)
+  if config is None:
+    result.status = f'no {train.CONFIG_FILE}'
+    return result
+  if data_dir:
+    config.data_dir = data_dir
+  _describe(result, config)
+  if latest_checkpoint_step(workdir) is None:  # Checked first: opening Orbax is slow.
+    result.status = 'no checkpoint'
+    return result
+  from mobilenet import input_pipeline  # TensorFlow is imported with the data, not before.
+  input_pipeline.ensure_available(config)
+  info = input_pipeline.get_dataset_info(config)
+  replicated = parallel.replicated(mesh)
+  model, abstract = abstract_train_state(config, info.image_shape,
+                                         input_pipeline.steps_per_epoch(config), replicated)
+  state = _ReadOnlyCheckpoints(pathlib.Path(workdir) / 'checkpoints').restore_latest(abstract)
+  if state is None:
+    result.status = 'no checkpoint'
+    return result
+  result.step, result.ema = int(state.step), config.ema_decay > 0
+  eval_fn = jax.jit(functools.partial(eval_step, model=model, config=config, use_ema=result.ema),
+                    in_shardings=(replicated, parallel.batch_sharding(mesh)),
+                    out_shardings=replicated)
+  scores = train.evaluate(state, eval_fn, config, parallel.batch_sharding(mesh))
+  result.top1, result.top5, result.loss = scores['top1'], scores['top5'], scores['loss']
+  result.examples = int(scores['examples'])
+  return result
+
+
+def _sort_key(result: RunResult):
+  """By parameters, then mult-adds; rows without counts last."""
+  return (result.params is None, result.params or 0, result.mult_adds or 0, result.workdir)
+
+
+def _percent(value: float | None) -> str:
+  return '' if value is None else f'{100 * value:.2f}'
+
+
+def _number(value: int | None) -> str:
+  return '' if value is None else f'{value:,}'
+
+
+def format_table(results: list[RunResult]) -> str:
+  """A Markdown table of the runs, sorted by parameters."""
+  lines = ['| run | alpha | resolution | conv | params | mult-adds | step | top-1 % | top-5 % '
+           '| status |',
+           '|---|---:|---:|---|---:|---:|---:|---:|---:|---|']
+  for r in sorted(results, key=_sort_key):
+    lines.append(
+        f'| {os.path.basename(os.path.normpath(r.workdir))} '
+        f'| {"" if r.width_multiplier is None else r.width_multiplier} '
+        f'| {"" if r.resolution is None else r.resolution} | {r.conv_type or ""} '
+        f'| {_number(r.params)} | {_number(r.mult_adds)} | {_number(r.step)} '
+        f'| {_percent(r.top1)} | {_percent(r.top5)} | {r.status} |')
+  return '\n'.join(lines)
+
+
+def write_records(results: list[RunResult], output_dir: pathlib.Path) -> None:
+  """results.csv and results.jsonl, one row per run, sorted by parameters."""
+  rows = [dataclasses.asdict(r) for r in sorted(results, key=_sort_key)]
+  with open(output_dir / 'results.csv', 'w', newline='', encoding='utf-8') as f:
+    writer = csv.DictWriter(f, fieldnames=FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+  with open(output_dir / 'results.jsonl', 'w', encoding='utf-8') as f:
+    for row in rows:
+      f.write(json.dumps(row) + '\n')
+
+
+def point_labels(results: list[RunResult]) -> list[str]:
+  """'alpha 0.5', plus the resolution and conv type when the runs differ in them."""
+  show_resolution = len({r.resolution for r in results}) > 1
+  show_conv = len({r.conv_type for r in results}) > 1
+  labels = []
+  for r in results:
+    parts = [f'α {r.width_multiplier:g}']
+    if show_resolution:
+      parts.append(f'{r.resolution}px')
+    if show_conv:
+      parts.append(r.conv_type)
+    labels.append(', '.join(parts))
+  return labels
+
+
+def plot_accuracy(results: list[RunResult], x_field: str, x_label: str,
+                  path: pathlib.Path) -> None:
+  """Top-1 against `x_field` on a log axis, one labelled point per run (Figures 4-5)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')  # Files only: no display on servers.
+  from matplotlib import pyplot  # pylint: disable=import-outside-toplevel
+  figure, axes = pyplot.subplots(figsize=(6, 4.5))
+  xs = [getattr(r, x_field) for r in results]
+  ys = [100 * r.top1 for r in results]
+  axes.scatter(xs, ys)
+  for x, y, label in zip(xs, ys, point_labels(results)):
+    axes.annotate(label, (x, y), textcoords='offset points', xytext=(4, 4), fontsize=8)
+  axes.set_xscale('log')
+  axes.set_xlabel(x_label)
+  axes.set_ylabel('test top-1 accuracy (%)')
+  axes.grid(True, which='both', alpha=0.3)
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  pyplot.close(figure)
+
+
+def write_tensorboard(results: list[RunResult], output_dir: pathlib.Path) -> None:
+  """Top-1 and top-5 with the parameter (and mult-add) count as the step, one point per run."""
+  from flax.metrics import tensorboard  # pylint: disable=import-outside-toplevel
+  writer = tensorboard.SummaryWriter(str(output_dir / 'tensorboard'))
+  for r in sorted(results, key=_sort_key):
+    for metric in ('top1', 'top5'):
+      writer.scalar(f'accuracy_vs_params/{metric}', getattr(r, metric), r.params)
+      writer.scalar(f'accuracy_vs_mult_adds/{metric}', getattr(r, metric), r.mult_adds)
+  writer.close()
+
+
+def evaluate_runs(workdirs: list[str], output_dir: str | None = None,
+                  data_dir: str | None = None) -> tuple[str, list[RunResult]]:
+  """Evaluates every workdir (paths or globs), writes the outputs; returns (table, results)."""
+  workdirs = expand_workdirs(workdirs)
+  if not workdirs:
+    raise UserError('no workdirs given; pass --workdir runs/a [runs/b ...] or a glob')
+  output = pathlib.Path(output_dir or default_output_dir(workdirs))
+  output.mkdir(parents=True, exist_ok=True)
+  mesh = parallel.create_mesh()
+  results = []
+  for index, workdir in enumerate(workdirs, 1):
+    logging.info('evaluating %d/%d: %s', index, len(workdirs), workdir)
+    try:
+      result = evaluate_run(workdir, mesh, data_dir)
+    except UserError as error:
+      result = RunResult(workdir=workdir, status=f'error: {error}')
+    except Exception as error:  # One broken run must not cost the others their rows.
+      logging.exception('evaluating %s failed', workdir)
+      first_line = ' '.join(str(error).split())[:200]
+      result = RunResult(workdir=workdir, status=f'error: {type(error).__name__}: {first_line}')
+    results.append(result)
+    logging.info('%s: %s', workdir, result.status if result.top1 is None else
+                 f'top-1 {result.top1:.4f} top-5 {result.top5:.4f} at step {result.step}')
+  write_records(results, output)
+  evaluated = [r for r in results if r.top1 is not None]
+  if evaluated:
+    plot_accuracy(evaluated, 'params', 'parameters', output / 'accuracy_vs_params.png')
+    plot_accuracy(evaluated, 'mult_adds', 'mult-adds per example',
+                  output / 'accuracy_vs_mult_adds.png')
+    write_tensorboard(evaluated, output)
+  return format_table(results), results

@@ -1,0 +1,35 @@
+"""Evaluates runs on the whole test split and compares accuracy with parameters and mult-adds.
+
+  python scripts/eval.py --workdir runs/a runs/b
+  python scripts/eval.py --workdir 'runs/sweep/*' --output runs/sweep
+
+Prints a Markdown table sorted by parameters; writes results.csv, results.jsonl,
+accuracy_vs_params.png, accuracy_vs_mult_adds.png and TensorBoard scalars
+(step = parameter count) to --output (default: the workdirs' parent folder).
+"""
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from absl import flags  # noqa: E402
+
+from mobilenet import errors, evaluate  # noqa: E402
+
+_WORKDIR = flags.DEFINE_multi_string(
+    'workdir', None, 'Run folders or globs; repeat the flag or list them after it.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Folder for the results (default: the common '
+                              'parent folder of the workdirs).')
+_DATA_DIR = flags.DEFINE_string('data_dir', None, "TFDS data dir, instead of each run's "
+                                'config.data_dir (when evaluating on another machine).')
+flags.mark_flags_as_required(['workdir'])
+
+
+def main(argv):
+  # Shell-expanded globs arrive as extra arguments after the first --workdir value.
+  table, _ = evaluate.evaluate_runs(_WORKDIR.value + argv[1:], _OUTPUT.value, _DATA_DIR.value)
+  print(table)
+
+
+if __name__ == '__main__':
+  errors.run(main)

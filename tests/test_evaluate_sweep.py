@@ -1,0 +1,201 @@
+"""Sweep and comparison end to end on real Fashion-MNIST, with two tiny variants.
+
+The sweep trains in subprocesses (scripts/train.py, 4 steps each); everything
+else runs in this process to stay fast.
+"""
+import contextlib
+import csv
+import io
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+from matplotlib import image as mpimg
+
+from mobilenet import counting, evaluate, fashion_mnist_offline, input_pipeline, sweep
+from mobilenet.errors import UserError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = str(ROOT / 'configs' / 'default.py')
+WIDTHS = '0.5,0.25'  # Descending, so that sorting by parameters reverses the grid's order.
+
+needs_data = pytest.mark.skipif(not fashion_mnist_offline.debian_files_available(),
+                                reason='needs the Debian package dataset-fashion-mnist')
+
+
+@pytest.fixture(scope='session')
+def fashion_mnist_data_dir(tmp_path_factory):
+  """A data dir where ensure_available prepared fashion_mnist (20-30 s)."""
+  from configs import default  # pylint: disable=import-outside-toplevel
+  config = default.get_config()
+  config.data_dir = str(tmp_path_factory.mktemp('tfds'))
+  input_pipeline.ensure_available(config)
+  return config.data_dir
+
+
+def _passthrough(data_dir):
+  """Tiny runs: 4 steps of 32 at 16 pixels, one-pass eval in 10 batches."""
+  return {'data_dir': data_dir, 'num_train_steps': 4, 'batch_size': 32,
+          'eval_batch_size': 1000, 'model.resolution': 16}
+
+
+def _config(passthrough):
+  from configs import default  # pylint: disable=import-outside-toplevel
+  config = default.get_config()
+  for field, value in passthrough.items():
+    *parents, leaf = field.split('.')
+    node = config
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope='module')
+def finished_sweep(fashion_mnist_data_dir, tmp_path_factory):
+  """A two-variant width sweep trained and compared once: (sweep dir, config, stdout)."""
+  sweep_dir = tmp_path_factory.mktemp('sweep')
+  passthrough = _passthrough(fashion_mnist_data_dir)
+  config = _config(passthrough)
+  out = io.StringIO()  # Module-scoped: capsys is per test, so capture the sweep's lines here.
+  with contextlib.redirect_stdout(out):
+    failed = sweep.run_sweep(config, DEFAULT_CONFIG, str(sweep_dir),
+                             [f'model.width_multiplier={WIDTHS}'], passthrough)
+  assert failed == []
+  return sweep_dir, config, out.getvalue()
+
+
+def test_parse_axes_and_variant_names(tmp_path):
+  axes = sweep.parse_axes(['model.width_multiplier=0.25,0.5', 'model.resolution=28;seed=1,2'])
+  assert axes == [('model.width_multiplier', ['0.25', '0.5']), ('model.resolution', ['28']),
+                  ('seed', ['1', '2'])]
+  grid = sweep.variants(axes, tmp_path)
+  assert len(grid) == 4
+  assert grid[0].workdir == tmp_path / 'width_multiplier=0.25,resolution=28,seed=1'
+  assert grid[-1].overrides == (('model.width_multiplier', '0.5'), ('model.resolution', '28'),
+                                ('seed', '2'))
+  with pytest.raises(UserError, match='field=value'):
+    sweep.parse_axes(['model.width_multiplier'])
+
+
+def test_bad_sweep_fields_and_values_fail_before_anything_runs(tmp_path):
+  config = _config({})
+  with pytest.raises(UserError, match='does not have'):
+    sweep.run_sweep(config, DEFAULT_CONFIG, str(tmp_path), ['model.widht=1'], {}, dry_run=True)
+  with pytest.raises(UserError, match='does not fit'):
+    sweep.run_sweep(config, DEFAULT_CONFIG, str(tmp_path), ['model.resolution=0.5'], {},
+                    dry_run=True)
+
+
+def test_dry_run_script_prints_one_command_per_variant_and_runs_nothing(tmp_path):
+  sweep_dir = tmp_path / 'sweep'
+  result = subprocess.run(
+      [sys.executable, str(ROOT / 'scripts' / 'sweep.py'), f'--config={DEFAULT_CONFIG}',
+       f'--workdir={sweep_dir}', '--sweep', 'model.width_multiplier=0.25,0.5',
+       '--sweep=model.resolution=16,20', '--config.num_train_steps=4', '--dry_run'],
+      capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 4
+  assert 'train.py' in lines[0] and '--config.num_train_steps=4' in lines[0]
+  assert f'--workdir={sweep_dir}/width_multiplier=0.25,resolution=16' in lines[0]
+  assert lines[3].endswith('--config.model.width_multiplier=0.5 --config.model.resolution=20')
+  assert not sweep_dir.exists()
+
+
+def test_ablation_configs_carry_a_valid_default_grid(tmp_path, capsys):
+  expected = {'fashion_mnist_width_sweep': 4, 'fashion_mnist_resolution_sweep': 4,
+              'fashion_mnist_conv_vs_separable': 2}
+  for name, count in expected.items():
+    module = __import__(f'configs.{name}', fromlist=['get_config'])
+    config = module.get_config()
+    sweep.run_sweep(config, f'configs/{name}.py', str(tmp_path / name), [], {}, dry_run=True)
+    assert len(capsys.readouterr().out.strip().splitlines()) == count
+  assert not any(tmp_path.iterdir())
+
+
+def test_a_failing_variant_is_reported_and_the_others_run(tmp_path, monkeypatch, capsys):
+  calls = []
+
+  def fake_call(command):
+    calls.append(command)
+    return 1 if '--config.model.width_multiplier=0.5' in command else 0
+
+  monkeypatch.setattr(sweep.subprocess, 'call', fake_call)
+  monkeypatch.setattr(sweep.evaluate, 'evaluate_runs', lambda workdirs, output: ('table', []))
+  failed = sweep.run_sweep(_config({}), DEFAULT_CONFIG, str(tmp_path),
+                           ['model.width_multiplier=0.5,0.25'], {})
+  assert [v.workdir.name for v in failed] == ['width_multiplier=0.5']
+  assert len(calls) == 2
+  out = capsys.readouterr().out
+  assert '[1/2] width_multiplier=0.5: FAILED' in out and '[2/2] width_multiplier=0.25: done' in out
+
+
+@needs_data
+def test_sweep_trains_every_variant_and_writes_the_comparison(finished_sweep):
+  sweep_dir, config, log = finished_sweep
+  assert '[1/2] width_multiplier=0.5: started' in log
+  assert '[2/2] width_multiplier=0.25: started' in log
+  with open(sweep_dir / 'results.csv', encoding='utf-8') as f:
+    rows = list(csv.DictReader(f))
+  assert [row['width_multiplier'] for row in rows] == ['0.25', '0.5']  # Sorted by parameters.
+  for row in rows:
+    variant = sweep.apply_overrides(config, (('model.width_multiplier', row['width_multiplier']),))
+    counts = counting.totals(counting.model_layer_specs(variant))
+    assert int(row['params']) == counts.params and int(row['mult_adds']) == counts.mult_adds
+    assert row['status'] == 'ok' and int(row['step']) == 4 and row['resolution'] == '16'
+    assert int(row['examples']) == 10_000
+    assert 0 <= float(row['top1']) <= float(row['top5']) <= 1
+  records = [json.loads(line) for line in (sweep_dir / 'results.jsonl').read_text().splitlines()]
+  assert [r['params'] for r in records] == [int(row['params']) for row in rows]
+  for name in ('accuracy_vs_params.png', 'accuracy_vs_mult_adds.png'):
+    assert (sweep_dir / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert mpimg.imread(sweep_dir / name).ndim == 3
+  assert any((sweep_dir / 'tensorboard').iterdir())
+  table = log[log.index('| run |'):].splitlines()
+  assert table[2].startswith('| width_multiplier=0.25 |')
+  assert table[3].startswith('| width_multiplier=0.5 |')
+
+
+@needs_data
+def test_rerunning_the_sweep_skips_finished_variants(finished_sweep, monkeypatch, capsys):
+  sweep_dir, config, _ = finished_sweep
+
+  def no_training(command):
+    raise AssertionError(f'a finished variant was trained again: {command}')
+
+  monkeypatch.setattr(sweep.subprocess, 'call', no_training)
+  monkeypatch.setattr(sweep.evaluate, 'evaluate_runs', lambda workdirs, output: ('table', []))
+  assert sweep.run_sweep(config, DEFAULT_CONFIG, str(sweep_dir),
+                         [f'model.width_multiplier={WIDTHS}'], {}) == []
+  out = capsys.readouterr().out
+  assert '[1/2] width_multiplier=0.5: finished, skipped' in out
+  assert '[2/2] width_multiplier=0.25: finished, skipped' in out
+  longer = _config({**_passthrough(config.data_dir), 'num_train_steps': 8})
+  variant = sweep.variants([('model.width_multiplier', ['0.25'])], sweep_dir)[0]
+  assert sweep.variant_state(longer, variant) == 'resume'
+
+
+@needs_data
+def test_runs_without_a_checkpoint_or_config_are_reported_and_others_evaluate(
+    finished_sweep, tmp_path):
+  sweep_dir, _, _ = finished_sweep
+  untrained = tmp_path / 'untrained'
+  untrained.mkdir()
+  shutil.copy(sweep_dir / 'width_multiplier=0.25' / 'config.json', untrained)
+  output = tmp_path / 'out'
+  table, results = evaluate.evaluate_runs(
+      [str(sweep_dir / 'width_multiplier=0.*'), str(untrained), str(tmp_path / 'missing')],
+      str(output))
+  status = {os.path.basename(r.workdir): r.status for r in results}
+  assert status == {'width_multiplier=0.25': 'ok', 'width_multiplier=0.5': 'ok',
+                    'untrained': 'no checkpoint', 'missing': 'no config.json'}
+  assert '| untrained | 0.25 | 16 | separable |' in table and 'no checkpoint |' in table
+  assert table.splitlines()[-1].startswith('| missing |')  # No counts: last.
+  with open(output / 'results.csv', encoding='utf-8') as f:
+    assert len(list(csv.DictReader(f))) == 4
+  assert (output / 'accuracy_vs_params.png').exists()
