@@ -59,17 +59,14 @@ def reference_grads(x, w, strides, padding, cotangent):
 
 CASES = [
     # (size, channels, multiplier, strides, padding, kernel)
-    (8, 4, 1, (1, 1), 'SAME', 3),
-    (7, 4, 1, (1, 1), 'SAME', 3),
-    (8, 3, 1, (2, 2), 'SAME', 3),
-    (7, 3, 1, (2, 2), 'SAME', 3),
-    (8, 3, 2, (1, 1), 'SAME', 3),
-    (7, 2, 2, (2, 2), 'SAME', 3),
-    (9, 3, 1, (1, 1), 'VALID', 3),
-    (8, 3, 1, (2, 2), 'VALID', 3),
-    (9, 2, 2, (2, 1), 'VALID', 3),
-    (9, 2, 1, (2, 2), 'SAME', 5),
-    (6, 2, 1, (1, 2), ((2, 0), (1, 1)), 3),
+    (8, 4, 1, (1, 1), 'SAME', 3),  # Even size, stride 1.
+    (7, 3, 1, (2, 2), 'SAME', 3),  # Odd size, stride 2.
+    (8, 3, 2, (2, 2), 'SAME', 3),  # Multiplier 2, even size, stride 2.
+    (7, 2, 2, (1, 1), 'SAME', 3),  # Multiplier 2, odd size, stride 1.
+    (9, 3, 1, (2, 1), 'VALID', 3),
+    (8, 2, 1, (2, 2), 'VALID', 3),
+    (9, 2, 1, (2, 2), 'SAME', 5),  # Larger kernel: three phases per axis.
+    (6, 2, 1, (1, 2), ((2, 0), (1, 1)), 3),  # Explicit, asymmetric padding.
 ]
 
 
