@@ -52,11 +52,23 @@ class RunResult:
 FIELDS = [field.name for field in dataclasses.fields(RunResult)]
 
 
+def _looks_like_run(path: str) -> bool:
+  return (os.path.isfile(os.path.join(path, train.CONFIG_FILE))
+          or os.path.isdir(os.path.join(path, 'checkpoints')))
+
+
 def expand_workdirs(patterns: list[str]) -> list[str]:
-  """Workdirs from paths or globs, in order; a pattern matching nothing stays (to be reported)."""
+  """Workdirs from paths or globs, in order.
+
+  A glob keeps only run folders (with config.json or checkpoints/), so that
+  'runs/sweep/*' skips the comparison's own outputs there; a plain path, or a
+  glob matching nothing, stays as given, to be reported.
+  """
   workdirs = []
   for pattern in patterns:
-    matches = sorted(path for path in glob.glob(pattern) if os.path.isdir(path))
+    matches = sorted(path for path in glob.glob(pattern) if _looks_like_run(path))
+    if not glob.has_magic(pattern):
+      matches = [pattern]
     for path in matches or [pattern]:
       if path not in workdirs:
         workdirs.append(path)
@@ -87,6 +99,13 @@ def latest_checkpoint_step(workdir: str | pathlib.Path) -> int | None:
   return max(steps, default=None)
 
 
+class _DropReadOnlyNotes(logging.logging.Filter):
+  """Orbax warns three times per read-only manager that it is read-only, as asked."""
+
+  def filter(self, record) -> bool:
+    return not ('/orbax/' in record.pathname and 'read only' in record.getMessage().replace('_', ' '))
+
+
 class _ReadOnlyCheckpoints(checkpointing.Checkpoints):
   """`Checkpoints.restore_latest` on a manager that never creates, cleans or deletes.
 
@@ -96,6 +115,9 @@ class _ReadOnlyCheckpoints(checkpointing.Checkpoints):
 
   def __init__(self, directory: str | pathlib.Path):  # pylint: disable=super-init-not-called
     checkpointing._quiet_orbax()  # pylint: disable=protected-access
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _DropReadOnlyNotes) for f in handler.filters):
+      handler.addFilter(_DropReadOnlyNotes())
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
     self._manager = ocp.CheckpointManager(
         pathlib.Path(directory).absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
@@ -128,6 +150,9 @@ def _describe(result: RunResult, config: ml_collections.ConfigDict) -> None:
 def evaluate_run(workdir: str, mesh, data_dir: str | None = None) -> RunResult:
   """One run's row; problems a user can fix become its status instead of an exception."""
   result = RunResult(workdir=workdir)
+  if not os.path.isdir(workdir):
+    result.status = 'no such folder'
+    return result
   config = load_run_config(workdir)
   if config is None:
     result.status = f'no {train.CONFIG_FILE}'
@@ -226,6 +251,7 @@ def plot_accuracy(results: list[RunResult], x_field: str, x_label: str,
   for x, y, label in zip(xs, ys, point_labels(results)):
     axes.annotate(label, (x, y), textcoords='offset points', xytext=(4, 4), fontsize=8)
   axes.set_xscale('log')
+  axes.margins(x=0.15, y=0.1)  # Room for the labels of the outermost points.
   axes.set_xlabel(x_label)
   axes.set_ylabel('test top-1 accuracy (%)')
   axes.grid(True, which='both', alpha=0.3)

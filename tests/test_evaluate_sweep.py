@@ -16,7 +16,7 @@ import sys
 import pytest
 from matplotlib import image as mpimg
 
-from mobilenet import counting, evaluate, fashion_mnist_offline, input_pipeline, sweep
+from mobilenet import counting, evaluate, fashion_mnist_offline, sweep
 from mobilenet.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -25,16 +25,6 @@ WIDTHS = '0.5,0.25'  # Descending, so that sorting by parameters reverses the gr
 
 needs_data = pytest.mark.skipif(not fashion_mnist_offline.debian_files_available(),
                                 reason='needs the Debian package dataset-fashion-mnist')
-
-
-@pytest.fixture(scope='session')
-def fashion_mnist_data_dir(tmp_path_factory):
-  """A data dir where ensure_available prepared fashion_mnist (20-30 s)."""
-  from configs import default  # pylint: disable=import-outside-toplevel
-  config = default.get_config()
-  config.data_dir = str(tmp_path_factory.mktemp('tfds'))
-  input_pipeline.ensure_available(config)
-  return config.data_dir
 
 
 def _passthrough(data_dir):
@@ -62,7 +52,9 @@ def finished_sweep(fashion_mnist_data_dir, tmp_path_factory):
   passthrough = _passthrough(fashion_mnist_data_dir)
   config = _config(passthrough)
   out = io.StringIO()  # Module-scoped: capsys is per test, so capture the sweep's lines here.
-  with contextlib.redirect_stdout(out):
+  with contextlib.redirect_stdout(out), pytest.MonkeyPatch.context() as patch:
+    # The variants inherit the environment: 4 steps need no optimized code, only a fast compile.
+    patch.setenv('XLA_FLAGS', '--xla_backend_optimization_level=0')
     failed = sweep.run_sweep(config, DEFAULT_CONFIG, str(sweep_dir),
                              [f'model.width_multiplier={WIDTHS}'], passthrough)
   assert failed == []
@@ -80,6 +72,18 @@ def test_parse_axes_and_variant_names(tmp_path):
                                 ('seed', '2'))
   with pytest.raises(UserError, match='field=value'):
     sweep.parse_axes(['model.width_multiplier'])
+
+
+def test_expand_workdirs_globs_folders_and_keeps_unmatched_paths(tmp_path):
+  for name in ('b', 'a'):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'config.json').write_text('{}')
+  (tmp_path / 'tensorboard').mkdir()  # The comparison's own output: not a run.
+  (tmp_path / 'c.txt').write_text('')
+  found = evaluate.expand_workdirs([str(tmp_path / '*'), str(tmp_path / 'a'), 'nowhere',
+                                    str(tmp_path / 'none*')])
+  assert found == [str(tmp_path / 'a'), str(tmp_path / 'b'), 'nowhere', str(tmp_path / 'none*')]
+  assert evaluate.default_output_dir(found[:2]) == str(tmp_path)
 
 
 def test_bad_sweep_fields_and_values_fail_before_anything_runs(tmp_path):
@@ -186,16 +190,19 @@ def test_runs_without_a_checkpoint_or_config_are_reported_and_others_evaluate(
   sweep_dir, _, _ = finished_sweep
   untrained = tmp_path / 'untrained'
   untrained.mkdir()
+  (tmp_path / 'no_config').mkdir()
   shutil.copy(sweep_dir / 'width_multiplier=0.25' / 'config.json', untrained)
   output = tmp_path / 'out'
   table, results = evaluate.evaluate_runs(
-      [str(sweep_dir / 'width_multiplier=0.*'), str(untrained), str(tmp_path / 'missing')],
+      [str(sweep_dir / 'width_multiplier=0.2*'), str(untrained), str(tmp_path / 'no_config'),
+       str(tmp_path / 'missing')],
       str(output))
   status = {os.path.basename(r.workdir): r.status for r in results}
-  assert status == {'width_multiplier=0.25': 'ok', 'width_multiplier=0.5': 'ok',
-                    'untrained': 'no checkpoint', 'missing': 'no config.json'}
+  assert status == {'width_multiplier=0.25': 'ok', 'untrained': 'no checkpoint',
+                    'no_config': 'no config.json',
+                    'missing': 'no such folder'}
   assert '| untrained | 0.25 | 16 | separable |' in table and 'no checkpoint |' in table
-  assert table.splitlines()[-1].startswith('| missing |')  # No counts: last.
+  assert table.splitlines()[-1].startswith('| no_config |')  # No counts: last, by name.
   with open(output / 'results.csv', encoding='utf-8') as f:
     assert len(list(csv.DictReader(f))) == 4
   assert (output / 'accuracy_vs_params.png').exists()
