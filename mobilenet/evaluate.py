@@ -103,7 +103,8 @@ class _DropReadOnlyNotes(logging.logging.Filter):
   """Orbax warns three times per read-only manager that it is read-only, as asked."""
 
   def filter(self, record) -> bool:
-    return not ('/orbax/' in record.pathname and 'read only' in record.getMessage().replace('_', ' '))
+    message = record.getMessage().replace('_', ' ')
+    return not ('/orbax/' in record.pathname and 'read only' in message)
 
 
 class _ReadOnlyCheckpoints(checkpointing.Checkpoints):

@@ -3,7 +3,8 @@
   python scripts/sweep.py --config configs/fashion_mnist_width_sweep.py --workdir runs/width \
       --sweep model.width_multiplier=0.25,0.5,0.75,1.0
   python scripts/sweep.py --config configs/default.py --workdir runs/grid \
-      --sweep model.width_multiplier=0.25,0.5 --sweep model.resolution=28,20 --config.num_epochs=1
+      --sweep model.width_multiplier=0.25,0.5 --sweep model.resolution=28,20 \
+      --config.num_epochs=1
   python scripts/sweep.py --config configs/fashion_mnist_width_sweep.py --workdir runs/width --dry_run
 
 Several --sweep flags give their product; without one, the config's `sweep`
