@@ -16,10 +16,14 @@ from mobilenet.errors import UserError
 
 
 class _DropOrbaxInfo(logging.logging.Filter):
-  """Orbax logs a dozen INFO lines per save; keep its warnings and errors only."""
+  """Orbax logs a dozen INFO lines per save, and warns that a read-only manager is read-only."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= logging.logging.WARNING or '/orbax/' not in record.pathname
+    if '/orbax/' not in record.pathname:
+      return True
+    if 'read only' in record.getMessage().replace('_', ' '):
+      return False
+    return record.levelno >= logging.logging.WARNING
 
 
 def _quiet_orbax() -> None:
@@ -31,13 +35,15 @@ def _quiet_orbax() -> None:
 class Checkpoints:
   """Asynchronous saving and fault-tolerant restoring of a pytree state."""
 
-  def __init__(self, directory: str | pathlib.Path, keep: int):
+  def __init__(self, directory: str | pathlib.Path, keep: int = 1, read_only: bool = False):
+    """`read_only` (for evaluation) never creates, cleans or deletes: a run that is
+    still training keeps the temporary folder of the checkpoint it is writing."""
     _quiet_orbax()
     self._manager = ocp.CheckpointManager(
         pathlib.Path(directory).absolute(),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=True,
-            cleanup_tmp_directories=True))
+            max_to_keep=keep, create=not read_only, read_only=read_only,
+            enable_async_checkpointing=True, cleanup_tmp_directories=not read_only))
 
   def save(self, step: int, state) -> None:
     """Starts writing `state` as checkpoint `step`; returns before the write is done."""

@@ -99,31 +99,6 @@ def latest_checkpoint_step(workdir: str | pathlib.Path) -> int | None:
   return max(steps, default=None)
 
 
-class _DropReadOnlyNotes(logging.logging.Filter):
-  """Orbax warns three times per read-only manager that it is read-only, as asked."""
-
-  def filter(self, record) -> bool:
-    message = record.getMessage().replace('_', ' ')
-    return not ('/orbax/' in record.pathname and 'read only' in message)
-
-
-class _ReadOnlyCheckpoints(checkpointing.Checkpoints):
-  """`Checkpoints.restore_latest` on a manager that never creates, cleans or deletes.
-
-  The trainer's manager removes unfinished temporary folders when it opens;
-  evaluating a run that is still training must not remove the one being written.
-  """
-
-  def __init__(self, directory: str | pathlib.Path):  # pylint: disable=super-init-not-called
-    checkpointing._quiet_orbax()  # pylint: disable=protected-access
-    handler = logging.get_absl_handler()
-    if not any(isinstance(f, _DropReadOnlyNotes) for f in handler.filters):
-      handler.addFilter(_DropReadOnlyNotes())
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-    self._manager = ocp.CheckpointManager(
-        pathlib.Path(directory).absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
-
-
 def abstract_train_state(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
                          steps_per_epoch: int, sharding) -> tuple:
   """(model, abstract TrainState) of a run, built as train.py builds them, without computing.
@@ -170,7 +145,8 @@ def evaluate_run(workdir: str, mesh, data_dir: str | None = None) -> RunResult:
   replicated = parallel.replicated(mesh)
   model, abstract = abstract_train_state(config, info.image_shape,
                                          input_pipeline.steps_per_epoch(config), replicated)
-  state = _ReadOnlyCheckpoints(pathlib.Path(workdir) / 'checkpoints').restore_latest(abstract)
+  state = checkpointing.Checkpoints(pathlib.Path(workdir) / 'checkpoints',
+                                    read_only=True).restore_latest(abstract)
   if state is None:
     result.status = 'no checkpoint'
     return result

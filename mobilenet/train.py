@@ -184,7 +184,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       pending.append(step_metrics)
       progress.advance(step)
       last = step == num_steps
-      will_save = last or step % checkpoint_every == 0 or preemption.raised
+      preempted = preemption.raised  # Read once: the signal may arrive while this step runs.
+      will_save = last or step % checkpoint_every == 0 or preempted
       if step % log_every == 0 or will_save:
         summary = _summarize_train(pending, step, interval_start, config.batch_size)
         pending, interval_start = [], time.perf_counter()
@@ -193,7 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                               f"lr {summary['learning_rate']:.4g}")
       if will_save:
         checkpoints.save(step, state)
-      if preemption.raised:
+      if preempted:
         checkpoints.wait()
         logging.warning('SIGTERM at step %d: checkpoint saved in %s; rerun the same command to '
                         'resume', step, workdir)
