@@ -20,7 +20,7 @@ python -c 'import jax; print(jax.devices())'
 : > "$OUT"
 
 # ImageNet form, the paper's network: 224x224, alpha 1.0, batch 256.
-python scripts/benchmark.py --config configs/imagenet.py --config.model.form=imagenet \
+python scripts/benchmark.py --config configs/imagenet.py \
   --resolutions=224 --width_multipliers=1.0 --batch_sizes=256 --dtypes=float32,bfloat16 \
   --implementations="$IMPLEMENTATIONS" --warmup=3 --steps="$STEPS" --json | tee -a "$OUT"
 
