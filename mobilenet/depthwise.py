@@ -215,10 +215,19 @@ def _kernel_cache_dir() -> pathlib.Path:
   return pathlib.Path(os.environ.get('MOBILENET_CACHE_DIR', default))
 
 
+def _cpu_features() -> bytes:
+  """The CPU's feature flags: -march=native code must not run on a different CPU."""
+  try:
+    with open('/proc/cpuinfo', 'rb') as cpuinfo:
+      return next((line for line in cpuinfo if line.startswith(b'flags')), b'')
+  except OSError:
+    return os.uname().machine.encode()
+
+
 def build_cpu_kernel() -> pathlib.Path:
-  """Compiles depthwise_cpu.cc against jaxlib's FFI headers once per source and jaxlib version."""
+  """Compiles depthwise_cpu.cc against jaxlib's FFI headers once per source, jax version and CPU."""
   source = _KERNEL_SOURCE.read_bytes()
-  key = hashlib.sha256(source + jax.__version__.encode()).hexdigest()[:16]
+  key = hashlib.sha256(source + jax.__version__.encode() + _cpu_features()).hexdigest()[:16]
   library = _kernel_cache_dir() / f'depthwise_cpu_{key}.so'
   if library.exists():
     return library

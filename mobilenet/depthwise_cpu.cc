@@ -164,7 +164,8 @@ ffi::Error FilterGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
 
 }  // namespace
 
-#define DEPTHWISE_BINDING(first, second, result)                                  \
+// Every kernel: two float32 operands, one float32 result, strides and low padding.
+#define DEPTHWISE_BINDING                                                         \
   ffi::Ffi::Bind()                                                                \
       .Arg<ffi::Buffer<ffi::F32>>()                                               \
       .Arg<ffi::Buffer<ffi::F32>>()                                               \
@@ -174,6 +175,6 @@ ffi::Error FilterGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
       .Attr<int64_t>("pt")                                                        \
       .Attr<int64_t>("pl")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseForward, ForwardImpl, DEPTHWISE_BINDING(x, f, y));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseInputGrad, InputGradImpl, DEPTHWISE_BINDING(dy, f, dx));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseFilterGrad, FilterGradImpl, DEPTHWISE_BINDING(x, dy, df));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseForward, ForwardImpl, DEPTHWISE_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseInputGrad, InputGradImpl, DEPTHWISE_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseFilterGrad, FilterGradImpl, DEPTHWISE_BINDING);
