@@ -8,22 +8,12 @@ Expected: not yet measured. Needs TFDS cifar100 (downloads itself with network;
 offline, prepare it elsewhere with `tfds build cifar100` and point
 --config.data_dir at it).
 """
-from mobilenet.config_base import base_config
+from configs import cifar10
 
 
 def get_config(width_multiplier=None):
-  """Pad-4 crop + flip, SGD + Nesterov 0.1, cosine over 100 epochs, weight decay 5e-4."""
-  config = base_config()
+  """CIFAR-10's recipe (configs/cifar10.py) on the 100 classes of CIFAR-100."""
+  config = cifar10.get_config(width_multiplier)
   config.dataset = 'cifar100'
-  config.model.width_multiplier = float(width_multiplier or 1.0)
-  config.model.resolution = 32
   config.model.num_classes = 100
-  config.input.channels = 3
-  config.input.random_crop_padding = 4
-  config.input.random_flip = True
-  config.batch_size = 128
-  config.num_epochs = 100.0
-  config.optimizer.learning_rate = 0.1
-  config.optimizer.weight_decay = 5e-4
-  config.schedule.warmup_epochs = 2.0
   return config

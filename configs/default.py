@@ -17,10 +17,12 @@ def get_config():
   config.model.resolution = 28
   config.model.num_classes = 10
   config.input.channels = 1
-  config.input.random_crop_padding = 2
-  config.input.random_flip = True
+  # A few epochs underfit (train and test accuracy stay close): no augmentation, light decay.
+  config.input.random_crop_padding = 0
+  config.input.random_flip = False
+  config.optimizer.weight_decay = 1e-4
   config.batch_size = 128
-  config.num_epochs = 3.0
+  config.num_epochs = 6.0
   config.optimizer.learning_rate = 0.1
   config.schedule.warmup_epochs = 0.2
   config.log_every_steps = 100

@@ -14,24 +14,13 @@ Expected: accuracy falls off smoothly with resolution at equal parameters;
 numbers and cost not yet measured (a few minutes per variant on 2 CPU cores,
 less at lower resolutions).
 """
-from mobilenet.config_base import base_config
+from configs import default
 
 
 def get_config():
-  """The default Fashion-MNIST recipe at alpha 0.25, 2 epochs, the resolution grid in `sweep`."""
-  config = base_config()
-  config.dataset = 'fashion_mnist'
-  config.model.width_multiplier = 0.25
-  config.model.resolution = 28
-  config.model.num_classes = 10
-  config.input.channels = 1
-  config.input.random_crop_padding = 2
-  config.input.random_flip = True
-  config.batch_size = 128
+  """The default recipe (configs/default.py, alpha 0.25) for 2 epochs, the resolution grid in `sweep`."""
+  config = default.get_config()
   config.num_epochs = 2.0
-  config.optimizer.learning_rate = 0.1
-  config.schedule.warmup_epochs = 0.2
-  config.checkpoint_every_steps = 500
   # Read by scripts/sweep.py when no --sweep flag is given; the trainer ignores it.
   config.sweep = 'model.resolution=28,24,20,16'
   return config
