@@ -1,4 +1,5 @@
 """The trainer end to end: accuracy, bad input, NaN, preemption, kill -9 resume, devices, hosts."""
+import importlib.util
 import json
 import os
 import pathlib
@@ -43,18 +44,20 @@ def tiny_config(data_dir: str, **overrides):
   return config
 
 
+def flat(config) -> dict:
+  """{'model.width_multiplier': 0.25, ...} for every leaf of a config."""
+  return {'.'.join(str(key.key) for key in path): value
+          for path, value in jax.tree_util.tree_flatten_with_path(config.to_dict())[0]}
+
+
 def cli_flags(config) -> list[str]:
-  """The overrides that turn configs/default.py's base schema into `config`."""
-  flat = {'data_dir': config.data_dir, 'model.width_multiplier': config.model.width_multiplier,
-          'model.resolution': config.model.resolution, 'batch_size': config.batch_size,
-          'eval_batch_size': config.eval_batch_size, 'num_train_steps': config.num_train_steps,
-          'log_every_steps': config.log_every_steps, 'eval_every_steps': config.eval_every_steps,
-          'checkpoint_every_steps': config.checkpoint_every_steps,
-          'schedule.warmup_epochs': config.schedule.warmup_epochs,
-          'input.random_crop_padding': config.input.random_crop_padding,
-          'input.random_flip': config.input.random_flip}
+  """configs/default.py plus the overrides that turn it into `config`, for scripts/train.py."""
+  spec = importlib.util.spec_from_file_location('default_config', ROOT / 'configs' / 'default.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  default = flat(module.get_config())
   return ['--config', str(ROOT / 'configs' / 'default.py')] + [
-      f'--config.{key}={value}' for key, value in flat.items()]
+      f'--config.{key}={value}' for key, value in flat(config).items() if default.get(key) != value]
 
 
 def saved_steps(workdir) -> list[int]:
@@ -218,8 +221,8 @@ def test_kill_9_and_resume_is_bitwise_identical(fashion_mnist_data_dir, tmp_path
   train.train_and_evaluate(config, str(tmp_path / 'straight'))
 
   workdir = tmp_path / 'killed'
-  process = subprocess.Popen([sys.executable, TRAIN_SCRIPT, *cli_flags(config),
-                              '--config.model.dropout_rate=0.1', '--workdir', str(workdir)],
+  process = subprocess.Popen([sys.executable, TRAIN_SCRIPT, *cli_flags(config), '--workdir',
+                              str(workdir)],
                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   try:
     wait_for(lambda: saved_steps(workdir), 240, process)
