@@ -219,6 +219,7 @@ def plot_accuracy(results: list[RunResult], x_field: str, x_label: str,
                   path: pathlib.Path) -> None:
   """Top-1 against `x_field` on a log axis, one labelled point per run (Figures 4-5)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
+  import matplotlib.ticker  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')  # Files only: no display on servers.
   from matplotlib import pyplot  # pylint: disable=import-outside-toplevel
   figure, axes = pyplot.subplots(figsize=(6, 4.5))
@@ -228,6 +229,8 @@ def plot_accuracy(results: list[RunResult], x_field: str, x_label: str,
   for x, y, label in zip(xs, ys, point_labels(results)):
     axes.annotate(label, (x, y), textcoords='offset points', xytext=(4, 4), fontsize=8)
   axes.set_xscale('log')
+  # A span under a decade gets a label on every minor tick, and they overlap.
+  axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   axes.margins(x=0.15, y=0.1)  # Room for the labels of the outermost points.
   axes.set_xlabel(x_label)
   axes.set_ylabel('test top-1 accuracy (%)')
