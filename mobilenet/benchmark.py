@@ -98,7 +98,7 @@ def _compile(fn, *args, donate_argnums=()):
   return compiled, seconds, planned
 
 
-def _median_seconds(run, warmup: int, steps: int) -> float:
+def median_seconds(run, warmup: int, steps: int) -> float:
   """Median wall time of `run()` (which must block until done) after `warmup` calls."""
   for _ in range(warmup):
     run()
@@ -130,8 +130,8 @@ def benchmark_setting(config: ml_collections.ConfigDict, setting: Setting, *, wa
     state, metrics = train(state, batch)
     jax.block_until_ready(metrics)
 
-  train_s = _median_seconds(run_train, warmup, steps)
-  eval_s = _median_seconds(lambda: jax.block_until_ready(evaluate(state, batch)), warmup, steps)
+  train_s = median_seconds(run_train, warmup, steps)
+  eval_s = median_seconds(lambda: jax.block_until_ready(evaluate(state, batch)), warmup, steps)
   return {
       'backend': jax.default_backend(),
       'device': jax.devices()[0].device_kind,

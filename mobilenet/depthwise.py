@@ -16,20 +16,15 @@ computed from input channel `c`. `DepthwiseConv` in layers.py picks one by name.
   products reduced over N, H, W. XLA fuses each of the three into loops over
   the activations, so the work is the minimal 2 * kh * kw flops per element.
 """
-import ctypes
 import functools
-import hashlib
-import os
-import pathlib
-import shutil
-import subprocess
-import tempfile
 from typing import Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from mobilenet import cpu_kernels
 
 Padding = Union[str, Sequence[Tuple[int, int]]]
 
@@ -204,59 +199,9 @@ def depthwise_conv_shifted(inputs, kernel, strides, padding):
   return _shifted_depthwise(inputs, kernel.reshape(kh, kw, out_channels), tuple(strides), pads)
 
 
-_KERNEL_SOURCE = pathlib.Path(__file__).with_name('depthwise_cpu.cc')
-_KERNEL_TARGETS = {'forward': 'DepthwiseForward', 'input_grad': 'DepthwiseInputGrad',
-                   'filter_grad': 'DepthwiseFilterGrad'}
-
-
-def _kernel_cache_dir() -> pathlib.Path:
-  """Where the compiled kernel is kept ($MOBILENET_CACHE_DIR, else ~/.cache/mobilenet)."""
-  default = pathlib.Path.home() / '.cache' / 'mobilenet'
-  return pathlib.Path(os.environ.get('MOBILENET_CACHE_DIR', default))
-
-
-def _cpu_features() -> bytes:
-  """The CPU's feature flags: -march=native code must not run on a different CPU."""
-  try:
-    with open('/proc/cpuinfo', 'rb') as cpuinfo:
-      return next((line for line in cpuinfo if line.startswith(b'flags')), b'')
-  except OSError:
-    return os.uname().machine.encode()
-
-
-def build_cpu_kernel() -> pathlib.Path:
-  """Compiles depthwise_cpu.cc against jaxlib's FFI headers once per source, jax version and CPU."""
-  source = _KERNEL_SOURCE.read_bytes()
-  key = hashlib.sha256(source + jax.__version__.encode() + _cpu_features()).hexdigest()[:16]
-  library = _kernel_cache_dir() / f'depthwise_cpu_{key}.so'
-  if library.exists():
-    return library
-  compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
-  if compiler is None:
-    raise RuntimeError('no C++ compiler (g++) found to build the depthwise CPU kernel')
-  library.parent.mkdir(parents=True, exist_ok=True)
-  # Build beside the target and rename, so concurrent builds never load a half-written file.
-  with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
-    partial = pathlib.Path(tmp) / library.name
-    subprocess.run([compiler, '-O3', '-march=native', '-std=c++17', '-shared', '-fPIC',
-                    '-w', f'-I{jax.ffi.include_dir()}', str(_KERNEL_SOURCE), '-o', str(partial),
-                    '-lpthread'], check=True, capture_output=True)
-    os.replace(partial, library)
-  return library
-
-
-@functools.lru_cache(maxsize=None)
 def cpu_kernel_error() -> Optional[str]:
-  """Builds and registers the CPU kernel once; returns None on success, else why not."""
-  try:
-    library = ctypes.cdll.LoadLibrary(str(build_cpu_kernel()))
-  except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
-    detail = getattr(error, 'stderr', b'') or b''
-    return f'{error} {detail.decode(errors="replace")[-500:]}'.strip()
-  for name, symbol in _KERNEL_TARGETS.items():
-    jax.ffi.register_ffi_target(f'mobilenet_depthwise_{name}',
-                                jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
-  return None
+  """None when the C++ kernels (cpu_kernels.py) are built and registered, else why not."""
+  return cpu_kernels.error()
 
 
 def _kernel_call(name, out_shape, first, second, strides, pads):

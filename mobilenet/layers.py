@@ -5,18 +5,20 @@ depthwise-separable factorization replaces it with a depthwise k x k
 convolution (one filter per input channel: k*k*M weights) followed by a
 pointwise 1x1 convolution (M*N weights).
 """
-import functools
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
+from mobilenet import batch_norm
 from mobilenet import depthwise
 
 # He initialization: every convolution here is followed by BatchNorm and a ReLU.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
-# Inference-mode BatchNorm with the paper's epsilon; the model binds train mode itself.
-default_batch_norm = functools.partial(nn.BatchNorm, use_running_average=True, epsilon=1e-3)
+# Inference-mode BatchNorm + ReLU with the paper's epsilon; the model binds train mode,
+# momentum, activation and dtype itself.
+default_norm_activation = batch_norm.BatchNormActivation
 
 
 class DepthwiseConv(nn.Module):
@@ -66,33 +68,88 @@ class PointwiseConv(nn.Module):
     return jnp.einsum('nhwc,cd->nhwd', inputs.astype(self.dtype), kernel[0, 0].astype(self.dtype))
 
 
-class ConvBN(nn.Module):
-  """A standard convolution (no bias) -> BatchNorm -> activation."""
+def conv_as_patches(inputs: jnp.ndarray, kernel: jnp.ndarray, strides: int) -> jnp.ndarray:
+  """A 'SAME' k x k convolution as one matrix product over k*k shifted (strided) slices.
+
+  XLA:CPU computes a small-channel convolution's weight gradient (the stem's
+  3 input channels) through a slow generic path (~35 ms per step at batch 128,
+  32x32); as patches @ kernel it is one matrix product each way.
+  """
+  kh, kw, in_channels, out_channels = kernel.shape
+  pads = depthwise.explicit_padding(inputs.shape[1:3], (kh, kw), (strides, strides), 'SAME')
+  padded = jnp.pad(inputs, ((0, 0), *pads, (0, 0)))
+  out_h = (padded.shape[1] - kh) // strides + 1
+  out_w = (padded.shape[2] - kw) // strides + 1
+  taps = [padded[:, a:a + (out_h - 1) * strides + 1:strides, b:b + (out_w - 1) * strides + 1:strides]
+          for a in range(kh) for b in range(kw)]
+  # (N, H, W, kh*kw*C) in (a, b, c) order, the order of kernel.reshape(kh*kw*C, N).
+  patches = jnp.concatenate(taps, axis=-1)
+  return jnp.dot(patches, kernel.reshape(kh * kw * in_channels, out_channels))
+
+
+class StandardConv(nn.Module):
+  """A k x k 'SAME' convolution without bias, kernel (k, k, C, N) as nn.Conv's.
+
+  `implementation`: 'xla' (lax.conv_general_dilated), 'patches'
+  (conv_as_patches) or 'auto' (patches on CPU, where it is faster; XLA's
+  convolution elsewhere). Both compute the same function.
+  """
   features: int
   kernel_size: int = 3
   strides: int = 1
-  activation: Callable = nn.relu
-  batch_norm: Callable = default_batch_norm
+  implementation: str = 'auto'
+  dtype: Any = jnp.float32
+  kernel_init: Callable = conv_kernel_init
+
+  @nn.compact
+  def __call__(self, inputs: jnp.ndarray) -> jnp.ndarray:
+    kernel = self.param('kernel', self.kernel_init,
+                        (self.kernel_size, self.kernel_size, inputs.shape[-1], self.features),
+                        jnp.float32)
+    inputs, kernel = inputs.astype(self.dtype), kernel.astype(self.dtype)
+    implementation = self.implementation
+    if implementation == 'auto':
+      implementation = 'patches' if jax.default_backend() == 'cpu' else 'xla'
+    if implementation == 'patches':
+      return conv_as_patches(inputs, kernel, self.strides)
+    if implementation != 'xla':
+      raise ValueError(f"unknown convolution implementation {implementation!r}; choose 'xla', "
+                       "'patches' or 'auto'")
+    return jax.lax.conv_general_dilated(
+        inputs, kernel, (self.strides, self.strides), 'SAME',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+class ConvBN(nn.Module):
+  """A standard convolution (no bias) -> BatchNorm -> activation.
+
+  `norm_activation` builds the BatchNorm + activation module (by default
+  batch_norm.BatchNormActivation in inference mode with a ReLU).
+  """
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  norm_activation: Callable[..., nn.Module] = default_norm_activation
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, inputs: jnp.ndarray) -> jnp.ndarray:
-    x = nn.Conv(self.features, (self.kernel_size, self.kernel_size), self.strides, padding='SAME',
-                use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init, name='conv')(inputs)
-    return self.activation(self.batch_norm(name='bn')(x))
+    x = StandardConv(self.features, self.kernel_size, self.strides, dtype=self.dtype,
+                     name='conv')(inputs)
+    return self.norm_activation(name='bn')(x)
 
 
 class DepthwiseSeparable(nn.Module):
   """Depthwise -> BatchNorm -> activation -> pointwise -> BatchNorm -> activation.
 
-  `batch_norm` is a partially applied `nn.BatchNorm` (train/eval mode,
-  momentum, epsilon and dtype bound by the caller).
+  `norm_activation` builds each BatchNorm + activation module (a partially
+  applied batch_norm.BatchNormActivation: train/eval mode, momentum, epsilon,
+  activation and dtype bound by the caller).
   """
   features: int
   strides: int = 1
   kernel_size: int = 3
-  activation: Callable = nn.relu
-  batch_norm: Callable = default_batch_norm
+  norm_activation: Callable[..., nn.Module] = default_norm_activation
   depthwise_implementation: str = 'auto'
   dtype: Any = jnp.float32
 
@@ -100,7 +157,7 @@ class DepthwiseSeparable(nn.Module):
   def __call__(self, inputs: jnp.ndarray) -> jnp.ndarray:
     x = DepthwiseConv(self.kernel_size, self.strides, implementation=self.depthwise_implementation,
                       dtype=self.dtype, name='depthwise')(inputs)
-    x = self.activation(self.batch_norm(name='depthwise_bn')(x))
+    x = self.norm_activation(name='depthwise_bn')(x)
     x = PointwiseConv(self.features, dtype=self.dtype, name='pointwise')(x)
-    return self.activation(self.batch_norm(name='pointwise_bn')(x))
+    return self.norm_activation(name='pointwise_bn')(x)
 

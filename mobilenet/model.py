@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mobilenet import architecture
+from mobilenet import batch_norm
 from mobilenet.layers import ConvBN, DepthwiseSeparable
 
 ACTIVATIONS = {'relu': nn.relu, 'relu6': jax.nn.relu6}
@@ -39,27 +40,27 @@ class MobileNetV1(nn.Module):
 
   @nn.compact
   def __call__(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-    batch_norm = functools.partial(
-        nn.BatchNorm, use_running_average=not train, momentum=self.batch_norm_momentum,
-        epsilon=self.batch_norm_epsilon, dtype=self.dtype)
-    activation = ACTIVATIONS[self.activation]
+    norm_activation = functools.partial(
+        batch_norm.BatchNormActivation, use_running_average=not train,
+        momentum=self.batch_norm_momentum, epsilon=self.batch_norm_epsilon,
+        activation=ACTIVATIONS[self.activation], dtype=self.dtype)
     channels = functools.partial(architecture.scaled_channels,
                                  width_multiplier=self.width_multiplier,
                                  min_channels=self.min_channels)
 
     x = images.astype(self.dtype)
     x = ConvBN(channels(architecture.STEM_CHANNELS), architecture.KERNEL_SIZE,
-               architecture.STEM_STRIDES[self.form], activation, batch_norm, self.dtype,
+               architecture.STEM_STRIDES[self.form], norm_activation, self.dtype,
                name='stem')(x)
     for index, (features, stride) in enumerate(
         zip(architecture.BLOCK_CHANNELS, architecture.BLOCK_STRIDES), start=1):
       name = architecture.block_name(index)
       if self.conv_type == 'separable':
-        x = DepthwiseSeparable(channels(features), stride, architecture.KERNEL_SIZE, activation,
-                               batch_norm, self.depthwise_implementation, self.dtype,
+        x = DepthwiseSeparable(channels(features), stride, architecture.KERNEL_SIZE,
+                               norm_activation, self.depthwise_implementation, self.dtype,
                                name=name)(x)
       else:
-        x = ConvBN(channels(features), architecture.KERNEL_SIZE, stride, activation, batch_norm,
+        x = ConvBN(channels(features), architecture.KERNEL_SIZE, stride, norm_activation,
                    self.dtype, name=name)(x)
 
     x = jnp.mean(x, axis=(1, 2))

@@ -12,6 +12,10 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from mobilenet import malloc_tuning  # noqa: E402  pylint: disable=g-import-not-at-top
+
+malloc_tuning.reexec_with_tuned_malloc()  # Before JAX allocates (see its docstring).
+
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from ml_collections import config_flags

@@ -1,32 +1,47 @@
 #!/usr/bin/env bash
-# MobileNetV1 throughput on a GPU or TPU host: the ImageNet form (224x224,
-# alpha 1.0, batch 256) with every depthwise implementation that runs there,
-# in float32 and bfloat16, then the 32x32 'cifar' form for comparison with
-# the CPU table in docs/performance.md. One JSON line per setting goes to
-# $OUT (default: benchmark_<backend>.jsonl); pick the fastest for 'auto' in
-# mobilenet/depthwise.py (AUTO_BY_BACKEND) and record it in the docs.
+# MobileNetV1 throughput on a GPU or TPU host, and where its step time goes.
 #
-#   bash scripts/gpu_benchmark.sh            # needs jax with CUDA or TPU support
-#   OUT=/tmp/h100.jsonl STEPS=20 bash scripts/gpu_benchmark.sh
-set -euo pipefail
+#   bash scripts/gpu_benchmark.sh                      # results in ./benchmark_<backend>/
+#   RESULTS=/tmp/h100 STEPS=20 bash scripts/gpu_benchmark.sh
+#
+# 1. The ImageNet form (224x224, alpha 1.0, batch 256), float32 and bfloat16,
+#    every depthwise implementation that runs there (xla, shifted): train and
+#    eval images/second (benchmark.jsonl).
+# 2. The same network's layers timed one by one (forward + backward at their
+#    shapes in the network): the share of depthwise, pointwise and BatchNorm
+#    layers in the step (layers.jsonl).
+# 3. The 32x32 'cifar' form at the CPU table's settings (benchmark.jsonl).
+# Then set 'auto' for the backend in mobilenet/depthwise.py (AUTO_BY_BACKEND)
+# to the faster implementation and record the numbers in docs/performance.md.
+set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
 
-BACKEND=$(python -c 'import jax; print(jax.default_backend())')
-OUT=${OUT:-benchmark_${BACKEND}.jsonl}
-STEPS=${STEPS:-20}
-# 'cpu_kernel' runs on the CPU only; the others run everywhere.
-IMPLEMENTATIONS=${IMPLEMENTATIONS:-xla,shifted}
-python -c 'import jax; print(jax.devices())'
-: > "$OUT"
+BACKEND=$(python3 -c 'import jax; print(jax.default_backend())')
+RESULTS=${RESULTS:-benchmark_${BACKEND}}
+STEPS=${STEPS:-10}
+IMPLEMENTATIONS=${IMPLEMENTATIONS:-xla,shifted}  # 'cpu_kernel' runs on the CPU only.
+mkdir -p "$RESULTS"
+python3 -c 'import jax; print(jax.__version__, jax.devices())'
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv 2>/dev/null || true
 
-# ImageNet form, the paper's network: 224x224, alpha 1.0, batch 256.
-python scripts/benchmark.py --config configs/imagenet.py \
-  --resolutions=224 --width_multipliers=1.0 --batch_sizes=256 --dtypes=float32,bfloat16 \
-  --implementations="$IMPLEMENTATIONS" --warmup=3 --steps="$STEPS" --json | tee -a "$OUT"
+echo "== ImageNet form, 224x224, alpha 1.0, batch 256"
+python3 scripts/benchmark.py --config configs/imagenet.py --resolutions=224 \
+  --width_multipliers=1.0 --batch_sizes=256 --dtypes=bfloat16,float32 \
+  --implementations="$IMPLEMENTATIONS" --warmup=3 --steps="$STEPS" --json | tee -a "$RESULTS/benchmark.jsonl"
 
-# CIFAR form at the CPU table's settings, to compare the implementations at small maps.
-python scripts/benchmark.py --config configs/cifar10.py --width_multipliers=0.25,0.5,1.0 \
+echo "== Share of step time per kind of layer (ImageNet form, batch 256)"
+for implementation in ${IMPLEMENTATIONS//,/ }; do
+  for dtype in bfloat16 float32; do
+    python3 scripts/benchmark_layers.py --config configs/imagenet.py --config.batch_size=256 \
+      --config.model.dtype="$dtype" --config.model.depthwise_implementation="$implementation" \
+      --warmup=2 --steps="$STEPS" --json | tee -a "$RESULTS/layers.jsonl"
+  done
+done
+
+echo "== CIFAR form, 32x32, batch 128"
+python3 scripts/benchmark.py --config configs/cifar10.py --width_multipliers=0.25,0.5,1.0 \
   --batch_sizes=128 --dtypes=float32,bfloat16 --implementations="$IMPLEMENTATIONS" \
-  --warmup=3 --steps="$STEPS" --json | tee -a "$OUT"
+  --warmup=3 --steps="$STEPS" --json | tee -a "$RESULTS/benchmark.jsonl"
 
-echo "wrote $OUT"
+echo "wrote $RESULTS/benchmark.jsonl $RESULTS/layers.jsonl"

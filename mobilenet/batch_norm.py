@@ -1,0 +1,192 @@
+"""BatchNorm followed by the activation, as one module with a hand-written VJP.
+
+Computes exactly what `activation(nn.BatchNorm(...)(x))` computes (same
+parameters `scale` and `bias`, same statistics `mean` and `var`, same momentum
+update, biased batch variance E[x^2] - E[x]^2 clipped at zero, float32
+statistics for bfloat16 inputs), but with fewer passes over the activations.
+Autodiff of Flax's BatchNorm keeps the centred input and the normalized output
+alive for the backward pass and reduces over the batch several times; XLA:CPU
+then runs each of those passes as a separate loop, and BatchNorm took about
+40% of a training step (docs/performance.md). Here the backward pass keeps only
+the layer's input, recomputes the normalized values inside its fused loops, and
+needs two reductions (sum of the incoming gradient and of its product with the
+normalized input) and one elementwise pass for the input gradient.
+
+Statistics are over every axis but the last (channels). Under `jax.jit` with
+the batch sharded over a mesh, those reductions are over the global batch.
+"""
+import functools
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mobilenet import cpu_kernels
+
+
+def _coefficients(mean, inv_std, scale, bias):
+  """Per-channel (a, b) with normalized * scale + bias = x * a + b."""
+  a = inv_std * scale
+  return a, bias - mean * a
+
+
+def _statistics(x):
+  """Float32 batch mean and biased variance over all axes but the last."""
+  axes = tuple(range(x.ndim - 1))
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axes)
+  mean_of_squares = jnp.mean(jnp.square(x), axes)
+  return mean, jnp.maximum(mean_of_squares - jnp.square(mean), 0.0)
+
+
+def _forward(x, scale, bias, epsilon, activation, dtype):
+  mean, var = _statistics(x)
+  inv_std = jax.lax.rsqrt(var + epsilon)
+  a, b = _coefficients(mean, inv_std, scale, bias)
+  y = activation(x.astype(jnp.float32) * a + b).astype(dtype)
+  return y, mean, var, inv_std
+
+
+def _make_train_fn(epsilon: float, activation: Callable, dtype):
+  """fn(x, scale, bias) -> (activation(BN(x)), batch mean, batch var) with a custom VJP."""
+
+  @jax.custom_vjp
+  def fn(x, scale, bias):
+    y, mean, var, _ = _forward(x, scale, bias, epsilon, activation, dtype)
+    return y, mean, var
+
+  def fn_fwd(x, scale, bias):
+    y, mean, var, inv_std = _forward(x, scale, bias, epsilon, activation, dtype)
+    return (y, mean, var), (x, mean, inv_std, scale, bias)
+
+  def fn_bwd(residuals, cotangents):
+    # The statistics feed only the running averages (not differentiated), so
+    # their cotangents are ignored.
+    x, mean, inv_std, scale, bias = residuals
+    dy = cotangents[0].astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    count = x.size // x.shape[-1]
+    xf = x.astype(jnp.float32)
+    a, b = _coefficients(mean, inv_std, scale, bias)
+    _, activation_vjp = jax.vjp(activation, xf * a + b)
+    g = activation_vjp(dy)[0]  # Gradient at the BatchNorm's output.
+    normalized = (xf - mean) * inv_std
+    d_bias = jnp.sum(g, axes)
+    d_scale = jnp.sum(g * normalized, axes)
+    # dx = scale * inv_std * (g - mean(g) - normalized * mean(g * normalized)).
+    dx = a * (g - d_bias / count - normalized * (d_scale / count))
+    return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
+
+  fn.defvjp(fn_fwd, fn_bwd)
+  return fn
+
+
+# The activations the C++ kernels compute, as clip(z, lo, hi).
+_CLIP_BOUNDS = {nn.relu: (0.0, float('inf')), jax.nn.relu6: (0.0, 6.0)}
+IMPLEMENTATIONS = ('xla', 'cpu_kernel')
+
+
+def _kernel(name, out_shapes, *operands, **attributes):
+  return jax.ffi.ffi_call(f'mobilenet_batch_norm_{name}', out_shapes)(*operands, **attributes)
+
+
+def _kernel_forward(x, scale, bias, epsilon, lo, hi):
+  channels = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
+  mean, var = _kernel('stats', (channels, channels), x)
+  inv_std = jax.lax.rsqrt(var + epsilon)
+  a, b = _coefficients(mean, inv_std, scale, bias)
+  y = _kernel('apply', jax.ShapeDtypeStruct(x.shape, jnp.float32), x, a, b,
+              lo=np.float32(lo), hi=np.float32(hi))
+  return y, mean, var, inv_std
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _kernel_train(x, scale, bias, epsilon, lo, hi):
+  """(clip(BN(x), lo, hi), batch mean, batch var) on the C++ kernels; x float32."""
+  y, mean, var, _ = _kernel_forward(x, scale, bias, epsilon, lo, hi)
+  return y, mean, var
+
+
+def _kernel_train_fwd(x, scale, bias, epsilon, lo, hi):
+  y, mean, var, inv_std = _kernel_forward(x, scale, bias, epsilon, lo, hi)
+  return (y, mean, var), (x, mean, inv_std, scale, bias)
+
+
+def _kernel_train_bwd(epsilon, lo, hi, residuals, cotangents):
+  del epsilon
+  x, mean, inv_std, scale, bias = residuals
+  dy = cotangents[0]
+  count = x.size // x.shape[-1]
+  a, b = _coefficients(mean, inv_std, scale, bias)
+  channels = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
+  bounds = {'lo': np.float32(lo), 'hi': np.float32(hi)}
+  sum_g, sum_gx = _kernel('backward_sums', (channels, channels), x, dy, a, b, mean, **bounds)
+  # dx = a * (g - sum_g / count - normalized * d_scale / count) = a * g + k1 * x + k0.
+  k1 = -a * jnp.square(inv_std) * sum_gx / count
+  k0 = -a * sum_g / count - k1 * mean
+  dx = _kernel('backward_input', jax.ShapeDtypeStruct(x.shape, jnp.float32), x, dy, a, b, k1, k0,
+               **bounds)
+  return dx, sum_gx * inv_std, sum_g
+
+
+_kernel_train.defvjp(_kernel_train_fwd, _kernel_train_bwd)
+
+
+def resolve_implementation(name: str, activation: Callable, backend: Optional[str] = None) -> str:
+  """'auto' -> 'cpu_kernel' on CPU when the kernels build and know the activation, else 'xla'."""
+  if name not in IMPLEMENTATIONS + ('auto',):
+    raise ValueError(f'unknown batch-norm implementation {name!r}; choose one of '
+                     f'{IMPLEMENTATIONS} or "auto"')
+  if name != 'auto':
+    return name
+  backend = backend or jax.default_backend()
+  if backend == 'cpu' and activation in _CLIP_BOUNDS and cpu_kernels.available():
+    return 'cpu_kernel'
+  return 'xla'
+
+
+class BatchNormActivation(nn.Module):
+  """activation(BatchNorm(x)) over the last axis, with Flax BatchNorm's names and semantics.
+
+  Parameters `scale` (ones) and `bias` (zeros); batch statistics `mean`
+  (zeros) and `var` (ones), updated as `momentum * old + (1 - momentum) * new`
+  in training mode. Output in `dtype`.
+  """
+  use_running_average: bool = True
+  momentum: float = 0.99
+  epsilon: float = 1e-3
+  activation: Callable = nn.relu
+  dtype: Any = jnp.float32
+  implementation: str = 'auto'  # 'xla', 'cpu_kernel' (ReLU or ReLU6 on CPU) or 'auto'.
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    features = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+    running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
+    running_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+    on_kernel = resolve_implementation(self.implementation, self.activation) == 'cpu_kernel'
+    if on_kernel and self.activation not in _CLIP_BOUNDS:
+      raise ValueError(f'the batch-norm CPU kernel computes ReLU and ReLU6 only, not {self.activation}')
+    if self.use_running_average:
+      inv_std = jax.lax.rsqrt(running_var.value + self.epsilon)
+      a, b = _coefficients(running_mean.value, inv_std, scale, bias)
+      if on_kernel:
+        lo, hi = _CLIP_BOUNDS[self.activation]
+        y = _kernel('apply', jax.ShapeDtypeStruct(x.shape, jnp.float32), x.astype(jnp.float32),
+                    a, b, lo=np.float32(lo), hi=np.float32(hi))
+        return y.astype(self.dtype)
+      return self.activation(x.astype(jnp.float32) * a + b).astype(self.dtype)
+    if on_kernel:
+      y, mean, var = _kernel_train(x.astype(jnp.float32), scale, bias, self.epsilon,
+                                   *_CLIP_BOUNDS[self.activation])
+      y = y.astype(self.dtype)
+    else:
+      y, mean, var = _make_train_fn(self.epsilon, self.activation, self.dtype)(x, scale, bias)
+    if not self.is_initializing():
+      running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+      running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
+    return y

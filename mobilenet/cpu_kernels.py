@@ -1,0 +1,91 @@
+"""The project's C++ kernels for XLA:CPU: built on first use, registered with jax.ffi.
+
+`depthwise_cpu.cc` (depthwise convolution) and `batch_norm_cpu.cc` (BatchNorm
++ activation) are compiled together with the system C++ compiler (`$CXX`,
+else g++), `-O3 -march=native`, against jaxlib's FFI headers, into one shared
+library cached in `$MOBILENET_CACHE_DIR` (default `~/.cache/mobilenet`) under a
+key of the sources, the jax version and the CPU's feature flags, so a change of
+any of them rebuilds it. No build step and no dependency besides a compiler;
+without one, callers fall back to pure-XLA code (`error()` says why).
+"""
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+from typing import Optional
+
+import jax
+
+_HERE = pathlib.Path(__file__).parent
+SOURCES = (_HERE / 'depthwise_cpu.cc', _HERE / 'batch_norm_cpu.cc')
+HEADERS = (_HERE / 'cpu_parallel.h',)
+# FFI target name -> exported handler symbol.
+TARGETS = {
+    'mobilenet_depthwise_forward': 'DepthwiseForward',
+    'mobilenet_depthwise_input_grad': 'DepthwiseInputGrad',
+    'mobilenet_depthwise_filter_grad': 'DepthwiseFilterGrad',
+    'mobilenet_batch_norm_stats': 'BatchNormStats',
+    'mobilenet_batch_norm_apply': 'BatchNormApply',
+    'mobilenet_batch_norm_backward_sums': 'BatchNormBackwardSums',
+    'mobilenet_batch_norm_backward_input': 'BatchNormBackwardInput',
+}
+
+
+def cache_dir() -> pathlib.Path:
+  """Where the compiled library is kept ($MOBILENET_CACHE_DIR, else ~/.cache/mobilenet)."""
+  default = pathlib.Path.home() / '.cache' / 'mobilenet'
+  return pathlib.Path(os.environ.get('MOBILENET_CACHE_DIR', default))
+
+
+def _cpu_features() -> bytes:
+  """The CPU's feature flags: -march=native code must not run on a different CPU."""
+  try:
+    with open('/proc/cpuinfo', 'rb') as cpuinfo:
+      return next((line for line in cpuinfo if line.startswith(b'flags')), b'')
+  except OSError:
+    return os.uname().machine.encode()
+
+
+def build() -> pathlib.Path:
+  """Compiles the kernels once per sources, jax version and CPU; returns the library's path."""
+  digest = hashlib.sha256(jax.__version__.encode() + _cpu_features())
+  for path in SOURCES + HEADERS:
+    digest.update(path.read_bytes())
+  library = cache_dir() / f'mobilenet_cpu_{digest.hexdigest()[:16]}.so'
+  if library.exists():
+    return library
+  compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
+  if compiler is None:
+    raise RuntimeError('no C++ compiler (g++) found to build the CPU kernels')
+  library.parent.mkdir(parents=True, exist_ok=True)
+  # Build beside the target and rename, so concurrent builds never load a half-written file.
+  with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+    partial = pathlib.Path(tmp) / library.name
+    subprocess.run([compiler, '-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w',
+                    f'-I{jax.ffi.include_dir()}', *map(str, SOURCES), '-o', str(partial),
+                    '-lpthread'], check=True, capture_output=True)
+    os.replace(partial, library)
+  return library
+
+
+@functools.lru_cache(maxsize=None)
+def error() -> Optional[str]:
+  """Builds and registers the kernels once; returns None on success, else why they are unavailable."""
+  try:
+    library = ctypes.cdll.LoadLibrary(str(build()))
+  except (OSError, RuntimeError, subprocess.CalledProcessError) as failure:
+    detail = getattr(failure, 'stderr', b'') or b''
+    return f'{failure} {detail.decode(errors="replace")[-500:]}'.strip()
+  for target, symbol in TARGETS.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                platform='cpu')
+  return None
+
+
+def available() -> bool:
+  """True when the kernels are built and registered (building them if needed)."""
+  return error() is None

@@ -1,0 +1,142 @@
+"""Where a MobileNetV1 training step spends its time, by kind of layer.
+
+Each weight-holding layer of the configured variant (architecture.layer_specs)
+is compiled on its own at the shape it sees inside the network, as forward +
+backward (gradients with respect to its input and its parameters, the work it
+does in a training step), and timed on random inputs: the depthwise and
+pointwise convolutions with the project's own modules (and the configured
+depthwise implementation), the BatchNorm + activation after each of them in
+training mode, the stem and the classifier. Summing per kind gives each kind's
+share of the layers' time, beside the measured time of the whole training step
+(benchmark.py), which also holds the loss, the optimizer update and whatever
+XLA fuses across layers. Works on any backend; no dataset needed.
+"""
+import collections
+from typing import Any, Callable, Dict, List
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mobilenet import architecture
+from mobilenet import benchmark
+from mobilenet import depthwise
+from mobilenet import layers
+from mobilenet import model as model_lib
+
+KINDS = ('depthwise', 'pointwise', 'batch_norm_activation', 'stem', 'classifier')
+
+
+def _module_for(spec: architecture.LayerSpec, config: ml_collections.ConfigDict) -> nn.Module:
+  """The Flax module that computes `spec`'s layer, without its BatchNorm."""
+  dtype = model_lib.DTYPES[config.model.dtype]
+  if spec.kind == 'depthwise':
+    return layers.DepthwiseConv(spec.kernel_size, spec.stride,
+                                implementation=config.model.depthwise_implementation, dtype=dtype)
+  if spec.kind == 'pointwise':
+    return layers.PointwiseConv(spec.out_channels, dtype=dtype)
+  if spec.kind == 'standard':
+    return nn.Conv(spec.out_channels, (spec.kernel_size,) * 2, spec.stride, padding='SAME',
+                   use_bias=False, dtype=dtype)
+  return nn.Dense(spec.out_channels, dtype=dtype)
+
+
+class _BatchNormActivation(nn.Module):
+  """The model's BatchNorm (training mode: batch statistics) followed by its activation."""
+  config: Any
+
+  @nn.compact
+  def __call__(self, x):
+    model = self.config.model
+    x = nn.BatchNorm(use_running_average=False, momentum=model.batch_norm_momentum,
+                     epsilon=model.batch_norm_epsilon, dtype=model_lib.DTYPES[model.dtype])(x)
+    return model_lib.ACTIVATIONS[model.activation](x)
+
+
+def _forward_backward(module: nn.Module, input_shape, dtype, seed: int) -> Callable[[], Any]:
+  """A zero-argument callable that runs the compiled forward + backward of `module` once."""
+  rng = np.random.default_rng(seed)
+  inputs = jnp.asarray(rng.standard_normal(input_shape, np.float32)).astype(dtype)
+  variables = module.init(jax.random.key(seed), inputs)
+  params = variables.pop('params')
+  mutable = list(variables) or False  # BatchNorm updates its statistics in training mode.
+
+  def forward(p, x):
+    out = module.apply({'params': p, **variables}, x, mutable=mutable)
+    return out[0] if mutable else out
+
+  output = jax.eval_shape(forward, params, inputs)
+  cotangent = jnp.asarray(rng.standard_normal(output.shape, np.float32)).astype(output.dtype)
+
+  def loss(p, x):
+    return jnp.sum(forward(p, x).astype(jnp.float32) * cotangent.astype(jnp.float32))
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  return lambda: jax.block_until_ready(grad(params, inputs))
+
+
+def time_layers(config: ml_collections.ConfigDict, *, warmup: int = 2,
+                steps: int = 10) -> List[Dict[str, Any]]:
+  """One row per timed layer: name, kind, input shape and median forward + backward ms."""
+  model = config.model
+  specs = architecture.layer_specs(
+      width_multiplier=model.width_multiplier, resolution=model.resolution, form=model.form,
+      conv_type=model.conv_type, num_classes=model.num_classes, min_channels=model.min_channels,
+      input_channels=config.input.channels)
+  dtype = model_lib.DTYPES[model.dtype]
+  batch = config.batch_size
+  rows = []
+  for index, spec in enumerate(specs):
+    if spec.kind == 'dense':
+      jobs = [('classifier', spec.name, _module_for(spec, config), (batch, spec.in_channels))]
+    else:
+      in_shape = (batch, spec.in_size, spec.in_size, spec.in_channels)
+      out_shape = (batch, spec.out_size, spec.out_size, spec.out_channels)
+      kind = 'stem' if spec.kind == 'standard' else spec.kind
+      jobs = [(kind, spec.name, _module_for(spec, config), in_shape),
+              ('batch_norm_activation', f'{spec.name}_bn', _BatchNormActivation(config), out_shape)]
+    for kind, name, module, shape in jobs:
+      run = _forward_backward(module, shape, dtype, seed=config.seed + index)
+      seconds = benchmark.median_seconds(run, warmup, steps)
+      rows.append({'layer': name, 'kind': kind, 'input_shape': list(shape),
+                   'ms': round(1e3 * seconds, 3)})
+  return rows
+
+
+def summarize(rows: List[Dict[str, Any]], config: ml_collections.ConfigDict,
+              train_step_ms: float) -> Dict[str, Any]:
+  """Per-kind totals and shares of the layers' summed time, beside the whole step's time."""
+  totals = collections.Counter()
+  for row in rows:
+    totals[row['kind']] += row['ms']
+  layers_ms = sum(totals.values())
+  return {
+      'backend': jax.default_backend(),
+      'device': jax.devices()[0].device_kind,
+      'width_multiplier': config.model.width_multiplier,
+      'resolution': config.model.resolution,
+      'batch_size': config.batch_size,
+      'dtype': config.model.dtype,
+      'depthwise_implementation': depthwise.resolve_implementation(
+          config.model.depthwise_implementation),
+      'train_step_ms': train_step_ms,
+      'layers_sum_ms': round(layers_ms, 2),
+      **{f'{kind}_ms': round(totals[kind], 2) for kind in KINDS},
+      **{f'{kind}_share': round(totals[kind] / layers_ms, 3) for kind in KINDS},
+  }
+
+
+def format_summary(summary: Dict[str, Any]) -> str:
+  """A Markdown table: one row per kind of layer, with ms and share of the layers' time."""
+  lines = [f"{summary['device']} ({summary['backend']}), alpha {summary['width_multiplier']}, "
+           f"{summary['resolution']}x{summary['resolution']}, batch {summary['batch_size']}, "
+           f"{summary['dtype']}, depthwise {summary['depthwise_implementation']}: whole training "
+           f"step {summary['train_step_ms']} ms, layers alone (forward + backward) "
+           f"{summary['layers_sum_ms']} ms",
+           '', '| layers | ms | share |', '|---|---|---|']
+  lines += [f"| {kind} | {summary[f'{kind}_ms']} | {100 * summary[f'{kind}_share']:.1f}% |"
+            for kind in KINDS]
+  return '\n'.join(lines)
+
