@@ -31,8 +31,8 @@ python3 scripts/benchmark.py --config configs/imagenet.py --resolutions=224 \
   --implementations="$IMPLEMENTATIONS" --warmup=3 --steps="$STEPS" --json | tee -a "$RESULTS/benchmark.jsonl"
 
 echo "== Share of step time per kind of layer (ImageNet form, batch 256)"
-for implementation in ${IMPLEMENTATIONS//,/ }; do
-  for dtype in bfloat16 float32; do
+for dtype in bfloat16 float32; do
+  for implementation in ${IMPLEMENTATIONS//,/ }; do
     python3 scripts/benchmark_layers.py --config configs/imagenet.py --config.batch_size=256 \
       --config.model.dtype="$dtype" --config.model.depthwise_implementation="$implementation" \
       --warmup=2 --steps="$STEPS" --json | tee -a "$RESULTS/layers.jsonl"
