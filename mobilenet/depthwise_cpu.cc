@@ -6,14 +6,15 @@
 // per tap straight from cache instead. Layouts: x and dy are NHWC float32
 // (channels innermost, so the channel loops vectorize), the filter is
 // (kh, kw, C); strides and the low padding come as attributes. Images are
-// split across threads; each thread owns whole images, so no writes race.
+// split into chunks on XLA's thread pool; each chunk owns whole images, so no
+// writes race.
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -24,29 +25,17 @@ struct Geometry {
   int64_t n, h, w, c, kh, kw, oh, ow, sh, sw, pt, pl;
 };
 
-// Runs body(first_image, last_image) on up to hardware_concurrency threads.
+// Runs body(first_image, last_image, chunk) over chunks of the batch on XLA's
+// intra-op thread pool (cpu_parallel.h).
 template <typename Body>
-void ForImages(int64_t n, Body body) {
-  int64_t threads = std::max<int64_t>(1, std::min<int64_t>(n, std::thread::hardware_concurrency()));
-  if (threads == 1) {
-    body(0, n, 0);
-    return;
-  }
-  std::vector<std::thread> pool;
-  for (int64_t t = 0; t < threads; ++t) {
-    int64_t lo = n * t / threads, hi = n * (t + 1) / threads;
-    pool.emplace_back([=] { body(lo, hi, t); });
-  }
-  for (auto& thread : pool) thread.join();
-}
-
-int64_t Threads(int64_t n) {
-  return std::max<int64_t>(1, std::min<int64_t>(n, std::thread::hardware_concurrency()));
+void ForImages(ffi::ThreadPool& pool, int64_t n, int64_t chunks, Body body) {
+  mobilenet::ParallelFor(pool, n, chunks,
+                         [&](int64_t chunk, int64_t lo, int64_t hi) { body(lo, hi, chunk); });
 }
 
 // y[n,i,j,c] = sum_{a,b} x[n, i*sh+a-pt, j*sw+b-pl, c] * f[a,b,c]  (zero outside x).
-void Forward(const Geometry& g, const float* x, const float* f, float* y) {
-  ForImages(g.n, [&](int64_t lo, int64_t hi, int64_t) {
+void Forward(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* f, float* y) {
+  ForImages(pool, g.n, mobilenet::NumChunks(pool, g.n), [&](int64_t lo, int64_t hi, int64_t) {
     for (int64_t n = lo; n < hi; ++n) {
       for (int64_t i = 0; i < g.oh; ++i) {
         for (int64_t j = 0; j < g.ow; ++j) {
@@ -70,8 +59,9 @@ void Forward(const Geometry& g, const float* x, const float* f, float* y) {
 }
 
 // dx[n,r,q,c] = sum over the (i,j,a,b) that read (r,q) of dy[n,i,j,c] * f[a,b,c].
-void InputGrad(const Geometry& g, const float* dy, const float* f, float* dx) {
-  ForImages(g.n, [&](int64_t lo, int64_t hi, int64_t) {
+void InputGrad(ffi::ThreadPool& pool, const Geometry& g, const float* dy, const float* f,
+               float* dx) {
+  ForImages(pool, g.n, mobilenet::NumChunks(pool, g.n), [&](int64_t lo, int64_t hi, int64_t) {
     std::memset(dx + lo * g.h * g.w * g.c, 0, sizeof(float) * (hi - lo) * g.h * g.w * g.c);
     for (int64_t n = lo; n < hi; ++n) {
       for (int64_t i = 0; i < g.oh; ++i) {
@@ -97,11 +87,12 @@ void InputGrad(const Geometry& g, const float* dy, const float* f, float* dx) {
 // df[a,b,c] = sum_{n,i,j} x[n, i*sh+a-pt, j*sw+b-pl, c] * dy[n,i,j,c].
 // Each thread sums its images in float32 per image, then in double across
 // images, so long batches do not lose precision.
-void FilterGrad(const Geometry& g, const float* x, const float* dy, float* df) {
+void FilterGrad(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* dy,
+                float* df) {
   int64_t taps = g.kh * g.kw * g.c;
-  int64_t threads = Threads(g.n);
+  int64_t threads = mobilenet::NumChunks(pool, g.n);
   std::vector<double> totals(threads * taps, 0.0);
-  ForImages(g.n, [&](int64_t lo, int64_t hi, int64_t t) {
+  ForImages(pool, g.n, threads, [&](int64_t lo, int64_t hi, int64_t t) {
     std::vector<float> image(taps);
     double* total = totals.data() + t * taps;
     for (int64_t n = lo; n < hi; ++n) {
@@ -138,26 +129,26 @@ Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> f,
   return Geometry{x[0], x[1], x[2], x[3], f[0], f[1], y[1], y[2], sh, sw, pt, pl};
 }
 
-ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> f,
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> f,
                        ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
                        int64_t pl) {
-  Forward(MakeGeometry(x.dimensions(), f.dimensions(), y->dimensions(), sh, sw, pt, pl),
+  Forward(pool, MakeGeometry(x.dimensions(), f.dimensions(), y->dimensions(), sh, sw, pt, pl),
           x.typed_data(), f.typed_data(), y->typed_data());
   return ffi::Error::Success();
 }
 
-ffi::Error InputGradImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> f,
+ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> f,
                          ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt,
                          int64_t pl) {
-  InputGrad(MakeGeometry(dx->dimensions(), f.dimensions(), dy.dimensions(), sh, sw, pt, pl),
+  InputGrad(pool, MakeGeometry(dx->dimensions(), f.dimensions(), dy.dimensions(), sh, sw, pt, pl),
             dy.typed_data(), f.typed_data(), dx->typed_data());
   return ffi::Error::Success();
 }
 
-ffi::Error FilterGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+ffi::Error FilterGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                           ffi::ResultBuffer<ffi::F32> df, int64_t sh, int64_t sw, int64_t pt,
                           int64_t pl) {
-  FilterGrad(MakeGeometry(x.dimensions(), df->dimensions(), dy.dimensions(), sh, sw, pt, pl),
+  FilterGrad(pool, MakeGeometry(x.dimensions(), df->dimensions(), dy.dimensions(), sh, sw, pt, pl),
              x.typed_data(), dy.typed_data(), df->typed_data());
   return ffi::Error::Success();
 }
@@ -167,6 +158,7 @@ ffi::Error FilterGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
 // Every kernel: two float32 operands, one float32 result, strides and low padding.
 #define DEPTHWISE_BINDING                                                         \
   ffi::Ffi::Bind()                                                                \
+      .Ctx<ffi::ThreadPool>()                                                     \
       .Arg<ffi::Buffer<ffi::F32>>()                                               \
       .Arg<ffi::Buffer<ffi::F32>>()                                               \
       .Ret<ffi::Buffer<ffi::F32>>()                                               \

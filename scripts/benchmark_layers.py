@@ -43,13 +43,13 @@ def main(argv):
   config_base.validate(config)
   setting = next(benchmark.settings_grid(config))
   step = benchmark.benchmark_setting(config, setting, warmup=_WARMUP.value, steps=_STEPS.value)
-  rows = layer_timing.time_layers(config, warmup=_WARMUP.value, steps=_STEPS.value)
+  rows = []
+  for row in layer_timing.time_layers(config, warmup=_WARMUP.value, steps=_STEPS.value):
+    rows.append(row)
+    if _PER_LAYER.value:
+      print(json.dumps(row), flush=True)
   summary = layer_timing.summarize(rows, config, step['train_step_ms'])
-  if _PER_LAYER.value:
-    for row in rows:
-      print(json.dumps(row))
   print(json.dumps(summary) if _JSON.value else layer_timing.format_summary(summary), flush=True)
-
 
 if __name__ == '__main__':
   app.run(main)

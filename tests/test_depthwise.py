@@ -135,7 +135,7 @@ def test_implementations_agree_under_jit_and_grad():
 def test_auto_resolves_per_backend():
   expected_cpu = 'shifted' if depthwise.cpu_kernel_error() else 'cpu_kernel'
   assert depthwise.resolve_implementation('auto', 'cpu') == expected_cpu
-  assert depthwise.resolve_implementation('auto', 'gpu') == 'shifted'
+  assert depthwise.resolve_implementation('auto', 'gpu') == 'xla'
   assert depthwise.resolve_implementation('auto', 'tpu') == 'xla'
   assert depthwise.resolve_implementation('auto') in depthwise.IMPLEMENTATIONS
   with pytest.raises(ValueError, match='unknown depthwise implementation'):

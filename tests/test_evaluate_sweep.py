@@ -206,3 +206,23 @@ def test_runs_without_a_checkpoint_or_config_are_reported_and_others_evaluate(
   with open(output / 'results.csv', encoding='utf-8') as f:
     assert len(list(csv.DictReader(f))) == 4
   assert (output / 'accuracy_vs_params.png').exists()
+
+
+def test_layer_timing_covers_every_layer_and_shares_sum_to_one():
+  from configs import cifar10
+  from mobilenet import architecture
+  from mobilenet import layer_timing
+  config = cifar10.get_config()
+  config.batch_size, config.model.resolution, config.model.width_multiplier = 2, 8, 0.25
+  rows = list(layer_timing.time_layers(config, warmup=0, steps=1))
+  specs = architecture.layer_specs(width_multiplier=0.25, resolution=8, form='cifar',
+                                   num_classes=10)
+  # Every convolution, its BatchNorm, and the classifier, in network order.
+  assert [row['layer'] for row in rows][:4] == ['stem/conv', 'stem/conv_bn', 'block_01/depthwise',
+                                                 'block_01/depthwise_bn']
+  assert len(rows) == 2 * (len(specs) - 1) + 1
+  assert all(row['ms'] > 0 for row in rows)
+  summary = layer_timing.summarize(rows, config, train_step_ms=1.0)
+  assert sum(summary[f'{kind}_share'] for kind in layer_timing.KINDS) == pytest.approx(1, abs=0.01)
+  assert summary['depthwise_ms'] == pytest.approx(
+      sum(row['ms'] for row in rows if row['kind'] == 'depthwise'), abs=0.01)
