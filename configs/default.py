@@ -25,7 +25,7 @@ def get_config():
   config.input.random_flip = False
   config.optimizer.weight_decay = 1e-4
   config.batch_size = 128
-  config.num_epochs = 6.0
+  config.num_epochs = 9.0
   config.optimizer.learning_rate = 0.1
   config.schedule.warmup_epochs = 0.2
   config.log_every_steps = 100

@@ -16,7 +16,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "cpu_parallel.h"
+#include "cpu_loops.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;

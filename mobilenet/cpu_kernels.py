@@ -2,7 +2,8 @@
 
 `depthwise_cpu.cc` (depthwise convolution) and `batch_norm_cpu.cc` (BatchNorm
 + activation) are compiled together with the system C++ compiler (`$CXX`,
-else g++), `-O3 -march=native`, against jaxlib's FFI headers, into one shared
+else g++), `-O3 -march=native`, against jaxlib's FFI headers (and
+`cpu_loops.h`, their shared parallel loop), into one shared
 library cached in `$MOBILENET_CACHE_DIR` (default `~/.cache/mobilenet`) under a
 key of the sources, the jax version and the CPU's feature flags, so a change of
 any of them rebuilds it. No build step and no dependency besides a compiler;
@@ -22,7 +23,7 @@ import jax
 
 _HERE = pathlib.Path(__file__).parent
 SOURCES = (_HERE / 'depthwise_cpu.cc', _HERE / 'batch_norm_cpu.cc')
-HEADERS = (_HERE / 'cpu_parallel.h',)
+HEADERS = (_HERE / 'cpu_loops.h',)
 # FFI target name -> exported handler symbol.
 TARGETS = {
     'mobilenet_depthwise_forward': 'DepthwiseForward',

@@ -14,7 +14,7 @@
 #include <cstring>
 #include <vector>
 
-#include "cpu_parallel.h"
+#include "cpu_loops.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;

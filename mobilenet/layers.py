@@ -8,10 +8,10 @@ pointwise 1x1 convolution (M*N weights).
 from typing import Any, Callable
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from mobilenet import batch_norm
+from mobilenet import convolution
 from mobilenet import depthwise
 
 # He initialization: every convolution here is followed by BatchNorm and a ReLU.
@@ -68,31 +68,11 @@ class PointwiseConv(nn.Module):
     return jnp.einsum('nhwc,cd->nhwd', inputs.astype(self.dtype), kernel[0, 0].astype(self.dtype))
 
 
-def conv_as_patches(inputs: jnp.ndarray, kernel: jnp.ndarray, strides: int) -> jnp.ndarray:
-  """A 'SAME' k x k convolution as one matrix product over k*k shifted (strided) slices.
-
-  XLA:CPU computes a small-channel convolution's weight gradient (the stem's
-  3 input channels) through a slow generic path (~35 ms per step at batch 128,
-  32x32); as patches @ kernel it is one matrix product each way.
-  """
-  kh, kw, in_channels, out_channels = kernel.shape
-  pads = depthwise.explicit_padding(inputs.shape[1:3], (kh, kw), (strides, strides), 'SAME')
-  padded = jnp.pad(inputs, ((0, 0), *pads, (0, 0)))
-  out_h = (padded.shape[1] - kh) // strides + 1
-  out_w = (padded.shape[2] - kw) // strides + 1
-  taps = [padded[:, a:a + (out_h - 1) * strides + 1:strides, b:b + (out_w - 1) * strides + 1:strides]
-          for a in range(kh) for b in range(kw)]
-  # (N, H, W, kh*kw*C) in (a, b, c) order, the order of kernel.reshape(kh*kw*C, N).
-  patches = jnp.concatenate(taps, axis=-1)
-  return jnp.dot(patches, kernel.reshape(kh * kw * in_channels, out_channels))
-
-
 class StandardConv(nn.Module):
   """A k x k 'SAME' convolution without bias, kernel (k, k, C, N) as nn.Conv's.
 
-  `implementation`: 'xla' (lax.conv_general_dilated), 'patches'
-  (conv_as_patches) or 'auto' (patches on CPU, where it is faster; XLA's
-  convolution elsewhere). Both compute the same function.
+  `implementation` selects the kernel ('xla', 'patches', 'cpu_kernel' or
+  'auto'; see convolution.py); all compute the same function.
   """
   features: int
   kernel_size: int = 3
@@ -106,18 +86,8 @@ class StandardConv(nn.Module):
     kernel = self.param('kernel', self.kernel_init,
                         (self.kernel_size, self.kernel_size, inputs.shape[-1], self.features),
                         jnp.float32)
-    inputs, kernel = inputs.astype(self.dtype), kernel.astype(self.dtype)
-    implementation = self.implementation
-    if implementation == 'auto':
-      implementation = 'patches' if jax.default_backend() == 'cpu' else 'xla'
-    if implementation == 'patches':
-      return conv_as_patches(inputs, kernel, self.strides)
-    if implementation != 'xla':
-      raise ValueError(f"unknown convolution implementation {implementation!r}; choose 'xla', "
-                       "'patches' or 'auto'")
-    return jax.lax.conv_general_dilated(
-        inputs, kernel, (self.strides, self.strides), 'SAME',
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return convolution.conv(inputs.astype(self.dtype), kernel.astype(self.dtype),
+                            strides=self.strides, implementation=self.implementation)
 
 
 class ConvBN(nn.Module):

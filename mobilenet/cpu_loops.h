@@ -1,4 +1,4 @@
-// Splitting a kernel's loop across XLA:CPU's own intra-op thread pool.
+// Splitting a C++ kernel's loop across XLA:CPU's own intra-op thread pool.
 //
 // The kernels run inside an XLA:CPU program whose worker threads already own
 // the cores; starting threads of our own would compete with them. Instead the
@@ -8,8 +8,8 @@
 // has not started. Tasks that start late find no chunk and touch nothing but
 // the shared counter, which they co-own.
 
-#ifndef MOBILENET_CPU_PARALLEL_H_
-#define MOBILENET_CPU_PARALLEL_H_
+#ifndef MOBILENET_CPU_LOOPS_H_
+#define MOBILENET_CPU_LOOPS_H_
 
 #include <algorithm>
 #include <atomic>
@@ -54,4 +54,4 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t n, int64_t chunks, const Bo
 
 }  // namespace mobilenet
 
-#endif  // MOBILENET_CPU_PARALLEL_H_
+#endif  // MOBILENET_CPU_LOOPS_H_
