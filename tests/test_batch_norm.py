@@ -54,11 +54,8 @@ def _train_outputs(module, params, stats, x, cotangent):
   return y, new_stats, grads
 
 
-@pytest.mark.parametrize('implementation', IMPLEMENTATIONS)
-@pytest.mark.parametrize('activation', [nn.relu, jax.nn.relu6], ids=['relu', 'relu6'])
-@pytest.mark.parametrize('shape', [(4, 5, 7, 3), (6, 3, 3, 33), (10, 16)])
-def test_training_matches_flax_batch_norm(implementation, activation, shape):
-  rng = np.random.default_rng(sum(shape))
+def _assert_training_matches_flax(implementation, activation, shape, seed):
+  rng = np.random.default_rng(seed)
   params, stats = _random_state(rng, shape[-1])
   # Shifted, scaled inputs (as after a convolution), so a share of them lands past 0 and 6.
   x = jnp.asarray(rng.normal(1.0, 3.0, shape), jnp.float32)
@@ -67,6 +64,13 @@ def test_training_matches_flax_batch_norm(implementation, activation, shape):
   got = _train_outputs(_Ours(False, activation, implementation), params, stats, x, cotangent)
   for want, have in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
     np.testing.assert_allclose(have, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize('implementation', IMPLEMENTATIONS)
+@pytest.mark.parametrize('activation', [nn.relu, jax.nn.relu6], ids=['relu', 'relu6'])
+@pytest.mark.parametrize('shape', [(4, 5, 7, 3), (6, 3, 3, 33), (10, 16)])
+def test_training_matches_flax_batch_norm(implementation, activation, shape):
+  _assert_training_matches_flax(implementation, activation, shape, seed=sum(shape))
 
 
 @pytest.mark.parametrize('implementation', IMPLEMENTATIONS)
@@ -81,14 +85,7 @@ def test_inference_matches_flax_batch_norm(implementation):
 
 
 def test_xla_implementation_takes_any_activation():
-  rng = np.random.default_rng(1)
-  params, stats = _random_state(rng, 5)
-  x = jnp.asarray(rng.normal(0, 2, (8, 5)), jnp.float32)
-  cotangent = jnp.asarray(rng.standard_normal((8, 5)), jnp.float32)
-  expected = _train_outputs(_FlaxReference(False, nn.gelu), params, stats, x, cotangent)
-  got = _train_outputs(_Ours(False, nn.gelu, 'xla'), params, stats, x, cotangent)
-  for want, have in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
-    np.testing.assert_allclose(have, want, rtol=2e-5, atol=2e-5)
+  _assert_training_matches_flax('xla', nn.gelu, (8, 5), seed=1)
 
 
 @pytest.mark.parametrize('implementation', IMPLEMENTATIONS)
