@@ -49,38 +49,39 @@ def _forward(x, scale, bias, epsilon, activation, dtype):
   return y, mean, var, inv_std
 
 
-def _make_train_fn(epsilon: float, activation: Callable, dtype):
-  """fn(x, scale, bias) -> (activation(BN(x)), batch mean, batch var) with a custom VJP."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _xla_train(x, scale, bias, epsilon, activation, dtype):
+  """(activation(BN(x)), batch mean, batch var) in plain XLA, with the VJP below."""
+  y, mean, var, _ = _forward(x, scale, bias, epsilon, activation, dtype)
+  return y, mean, var
 
-  @jax.custom_vjp
-  def fn(x, scale, bias):
-    y, mean, var, _ = _forward(x, scale, bias, epsilon, activation, dtype)
-    return y, mean, var
 
-  def fn_fwd(x, scale, bias):
-    y, mean, var, inv_std = _forward(x, scale, bias, epsilon, activation, dtype)
-    return (y, mean, var), (x, mean, inv_std, scale, bias)
+def _xla_train_fwd(x, scale, bias, epsilon, activation, dtype):
+  y, mean, var, inv_std = _forward(x, scale, bias, epsilon, activation, dtype)
+  return (y, mean, var), (x, mean, inv_std, scale, bias)
 
-  def fn_bwd(residuals, cotangents):
-    # The statistics feed only the running averages (not differentiated), so
-    # their cotangents are ignored.
-    x, mean, inv_std, scale, bias = residuals
-    dy = cotangents[0].astype(jnp.float32)
-    axes = tuple(range(x.ndim - 1))
-    count = x.size // x.shape[-1]
-    xf = x.astype(jnp.float32)
-    a, b = _coefficients(mean, inv_std, scale, bias)
-    _, activation_vjp = jax.vjp(activation, xf * a + b)
-    g = activation_vjp(dy)[0]  # Gradient at the BatchNorm's output.
-    normalized = (xf - mean) * inv_std
-    d_bias = jnp.sum(g, axes)
-    d_scale = jnp.sum(g * normalized, axes)
-    # dx = scale * inv_std * (g - mean(g) - normalized * mean(g * normalized)).
-    dx = a * (g - d_bias / count - normalized * (d_scale / count))
-    return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
 
-  fn.defvjp(fn_fwd, fn_bwd)
-  return fn
+def _xla_train_bwd(epsilon, activation, dtype, residuals, cotangents):
+  # The statistics feed only the running averages (not differentiated), so
+  # their cotangents are ignored.
+  del epsilon, dtype
+  x, mean, inv_std, scale, bias = residuals
+  dy = cotangents[0].astype(jnp.float32)
+  axes = tuple(range(x.ndim - 1))
+  count = x.size // x.shape[-1]
+  xf = x.astype(jnp.float32)
+  a, b = _coefficients(mean, inv_std, scale, bias)
+  _, activation_vjp = jax.vjp(activation, xf * a + b)
+  g = activation_vjp(dy)[0]  # Gradient at the BatchNorm's output.
+  normalized = (xf - mean) * inv_std
+  d_bias = jnp.sum(g, axes)
+  d_scale = jnp.sum(g * normalized, axes)
+  # dx = scale * inv_std * (g - mean(g) - normalized * mean(g * normalized)).
+  dx = a * (g - d_bias / count - normalized * (d_scale / count))
+  return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
+
+
+_xla_train.defvjp(_xla_train_fwd, _xla_train_bwd)
 
 
 # The activations the C++ kernels compute, as clip(z, lo, hi).
@@ -185,7 +186,7 @@ class BatchNormActivation(nn.Module):
                                    *_CLIP_BOUNDS[self.activation])
       y = y.astype(self.dtype)
     else:
-      y, mean, var = _make_train_fn(self.epsilon, self.activation, self.dtype)(x, scale, bias)
+      y, mean, var = _xla_train(x, scale, bias, self.epsilon, self.activation, self.dtype)
     if not self.is_initializing():
       running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
       running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var

@@ -17,7 +17,7 @@ computed from input channel `c`. `DepthwiseConv` in layers.py picks one by name.
   the activations, so the work is the minimal 2 * kh * kw flops per element.
 """
 import functools
-from typing import Optional, Sequence, Tuple, Union
+from typing import Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -199,11 +199,6 @@ def depthwise_conv_shifted(inputs, kernel, strides, padding):
   return _shifted_depthwise(inputs, kernel.reshape(kh, kw, out_channels), tuple(strides), pads)
 
 
-def cpu_kernel_error() -> Optional[str]:
-  """None when the C++ kernels (cpu_kernels.py) are built and registered, else why not."""
-  return cpu_kernels.error()
-
-
 def _kernel_call(name, out_shape, first, second, strides, pads):
   """Calls one compiled kernel on float32 operands."""
   return jax.ffi.ffi_call(f'mobilenet_depthwise_{name}',
@@ -236,9 +231,9 @@ _kernel_depthwise.defvjp(_kernel_depthwise_fwd, _kernel_depthwise_bwd)
 
 def depthwise_conv_cpu_kernel(inputs, kernel, strides, padding):
   """The C++ CPU kernel with the same layout and semantics as `depthwise_conv_xla`."""
-  error = cpu_kernel_error()
-  if error is not None:
-    raise RuntimeError(f"depthwise implementation 'cpu_kernel' is unavailable: {error}")
+  if not cpu_kernels.available():
+    raise RuntimeError("depthwise implementation 'cpu_kernel' is unavailable: "
+                       f'{cpu_kernels.error()}')
   kh, kw, _, out_channels = kernel.shape
   multiplier = out_channels // inputs.shape[-1]
   if multiplier > 1:
@@ -262,7 +257,7 @@ def resolve_implementation(name: str, backend: str = None) -> str:
   if name == 'auto':
     backend = backend or jax.default_backend()
     choice = AUTO_BY_BACKEND.get(backend, 'xla')
-    if choice == 'cpu_kernel' and cpu_kernel_error() is not None:
+    if choice == 'cpu_kernel' and not cpu_kernels.available():
       choice = 'shifted'
     return choice
   if name not in IMPLEMENTATIONS:

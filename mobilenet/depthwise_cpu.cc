@@ -26,7 +26,7 @@ struct Geometry {
 };
 
 // Runs body(first_image, last_image, chunk) over chunks of the batch on XLA's
-// intra-op thread pool (cpu_parallel.h).
+// intra-op thread pool (cpu_loops.h).
 template <typename Body>
 void ForImages(ffi::ThreadPool& pool, int64_t n, int64_t chunks, Body body) {
   mobilenet::ParallelFor(pool, n, chunks,
@@ -85,14 +85,14 @@ void InputGrad(ffi::ThreadPool& pool, const Geometry& g, const float* dy, const 
 }
 
 // df[a,b,c] = sum_{n,i,j} x[n, i*sh+a-pt, j*sw+b-pl, c] * dy[n,i,j,c].
-// Each thread sums its images in float32 per image, then in double across
+// Each chunk sums its images in float32 per image, then in double across
 // images, so long batches do not lose precision.
 void FilterGrad(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* dy,
                 float* df) {
   int64_t taps = g.kh * g.kw * g.c;
-  int64_t threads = mobilenet::NumChunks(pool, g.n);
-  std::vector<double> totals(threads * taps, 0.0);
-  ForImages(pool, g.n, threads, [&](int64_t lo, int64_t hi, int64_t t) {
+  int64_t chunks = mobilenet::NumChunks(pool, g.n);
+  std::vector<double> totals(chunks * taps, 0.0);
+  ForImages(pool, g.n, chunks, [&](int64_t lo, int64_t hi, int64_t t) {
     std::vector<float> image(taps);
     double* total = totals.data() + t * taps;
     for (int64_t n = lo; n < hi; ++n) {
@@ -118,7 +118,7 @@ void FilterGrad(ffi::ThreadPool& pool, const Geometry& g, const float* x, const 
   });
   for (int64_t k = 0; k < taps; ++k) {
     double sum = 0.0;
-    for (int64_t t = 0; t < threads; ++t) sum += totals[t * taps + k];
+    for (int64_t t = 0; t < chunks; ++t) sum += totals[t * taps + k];
     df[k] = static_cast<float>(sum);
   }
 }

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from mobilenet import architecture
+from mobilenet import batch_norm
 from mobilenet import benchmark
 from mobilenet import depthwise
 from mobilenet import layers
@@ -43,16 +44,13 @@ def _module_for(spec: architecture.LayerSpec, config: ml_collections.ConfigDict)
   return nn.Dense(spec.out_channels, dtype=dtype)
 
 
-class _BatchNormActivation(nn.Module):
-  """The model's BatchNorm (training mode: batch statistics) followed by its activation."""
-  config: Any
-
-  @nn.compact
-  def __call__(self, x):
-    model = self.config.model
-    x = nn.BatchNorm(use_running_average=False, momentum=model.batch_norm_momentum,
-                     epsilon=model.batch_norm_epsilon, dtype=model_lib.DTYPES[model.dtype])(x)
-    return model_lib.ACTIVATIONS[model.activation](x)
+def _norm_activation(config: ml_collections.ConfigDict) -> nn.Module:
+  """The model's BatchNorm + activation in training mode (batch statistics)."""
+  model = config.model
+  return batch_norm.BatchNormActivation(
+      use_running_average=False, momentum=model.batch_norm_momentum,
+      epsilon=model.batch_norm_epsilon, activation=model_lib.ACTIVATIONS[model.activation],
+      dtype=model_lib.DTYPES[model.dtype])
 
 
 def _forward_backward(module: nn.Module, input_shape, dtype, seed: int) -> Callable[[], Any]:
@@ -100,7 +98,7 @@ def time_layers(config: ml_collections.ConfigDict, *, warmup: int = 2,
       out_shape = (batch, spec.out_size, spec.out_size, spec.out_channels)
       kind = 'stem' if spec.kind == 'standard' else spec.kind
       jobs = [(kind, spec.name, _module_for(spec, config), in_shape),
-              ('batch_norm_activation', f'{spec.name}_bn', _BatchNormActivation(config), out_shape)]
+              ('batch_norm_activation', f'{spec.name}_bn', _norm_activation(config), out_shape)]
     for kind, name, module, shape in jobs:
       key = (kind, repr(module), shape)
       if key not in measured:
