@@ -26,30 +26,65 @@ namespace {
 // Rows of float32 accumulation before a chunk's partial sums go to double.
 constexpr int64_t kBlockRows = 256;
 
+// Every loop runs over flat spans of whole rows, at least kSpanValues values
+// long, with the per-channel parameters tiled to the span's length: a loop
+// per row of 8-32 channels spent more on its own overhead (and GCC's alias
+// checks) than on the arithmetic.
+constexpr int64_t kSpanValues = 512;
+
 int64_t Channels(const ffi::Buffer<ffi::F32>& x) {
   auto dims = x.dimensions();
   return dims.size() == 0 ? 1 : dims.back();
 }
 
-// Two per-channel sums over all rows, in parallel: term(first, last, s0, s1)
-// adds rows [first, last) into the float32 accumulators s0[C] and s1[C].
+int64_t RowsPerSpan(int64_t c) { return std::max<int64_t>(1, kSpanValues / c); }
+
+// p[0 .. c) repeated `rows` times.
+std::vector<float> Tiled(const float* p, int64_t c, int64_t rows) {
+  std::vector<float> tiled(rows * c);
+  for (int64_t r = 0; r < rows; ++r) std::copy(p, p + c, tiled.data() + r * c);
+  return tiled;
+}
+
+// Calls span(first_row, num_rows) on consecutive spans of `per_span` rows
+// (the last may be shorter) covering [lo, hi).
+template <typename Span>
+void ForSpans(int64_t lo, int64_t hi, int64_t per_span, Span span) {
+  for (int64_t first = lo; first < hi; first += per_span) span(first, std::min(per_span, hi - first));
+}
+
+// Spans of all rows, in parallel over XLA's thread pool.
+template <typename Span>
+void ParallelSpans(ffi::ThreadPool& pool, int64_t rows, int64_t per_span, Span span) {
+  int64_t spans = (rows + per_span - 1) / per_span;
+  mobilenet::ParallelFor(pool, spans, mobilenet::NumChunks(pool, spans),
+                         [&](int64_t, int64_t lo, int64_t hi) {
+    ForSpans(lo * per_span, std::min(hi * per_span, rows), per_span, span);
+  });
+}
+
+// Two per-channel sums over all rows, in parallel: term(first, num_rows, s0, s1)
+// adds a span of rows into the float32 accumulators s0 and s1 (one value per
+// position of a span, folded per channel afterwards).
 template <typename Term>
 void ColumnSums(ffi::ThreadPool& pool, int64_t rows, int64_t c, Term term,
                 std::vector<double>& out0, std::vector<double>& out1) {
+  const int64_t per_span = RowsPerSpan(c), width = per_span * c;
+  const int64_t block = per_span * std::max<int64_t>(1, kBlockRows / per_span);
   int64_t chunks = mobilenet::NumChunks(pool, rows);
   std::vector<double> partial(chunks * 2 * c, 0.0);
   mobilenet::ParallelFor(pool, rows, chunks, [&](int64_t chunk, int64_t lo, int64_t hi) {
     double* p0 = partial.data() + chunk * 2 * c;
     double* p1 = p0 + c;
-    std::vector<float> s0(c), s1(c);
-    for (int64_t start = lo; start < hi; start += kBlockRows) {
+    std::vector<float> s0(width), s1(width);
+    for (int64_t start = lo; start < hi; start += block) {
       std::fill(s0.begin(), s0.end(), 0.0f);
       std::fill(s1.begin(), s1.end(), 0.0f);
-      int64_t stop = std::min(hi, start + kBlockRows);
-      term(start, stop, s0.data(), s1.data());
-      for (int64_t k = 0; k < c; ++k) {
-        p0[k] += s0[k];
-        p1[k] += s1[k];
+      ForSpans(start, std::min(hi, start + block), per_span,
+               [&](int64_t first, int64_t n) { term(first, n, s0.data(), s1.data()); });
+      for (int64_t k = 0; k < width; ++k) {
+        p0[k % c] += s0[k];
+        p1[k % c] += s1[k];
       }
     }
   });
@@ -63,28 +98,42 @@ void ColumnSums(ffi::ThreadPool& pool, int64_t rows, int64_t c, Term term,
   }
 }
 
-// The loops proper, with restrict-qualified pointers so that GCC vectorizes them.
-void SumAndSquares(const float* __restrict x, int64_t rows, int64_t c, float* __restrict s0,
+// The loops proper, over a flat span of `len` values, with restrict-qualified
+// pointers so that GCC vectorizes them.
+void SumAndSquares(const float* __restrict x, int64_t len, float* __restrict s0,
                    float* __restrict s1) {
-  for (int64_t r = 0; r < rows; ++r, x += c) {
-    for (int64_t k = 0; k < c; ++k) {
-      s0[k] += x[k];
-      s1[k] += x[k] * x[k];
-    }
+  for (int64_t k = 0; k < len; ++k) {
+    s0[k] += x[k];
+    s1[k] += x[k] * x[k];
   }
 }
 
 void GradientSums(const float* __restrict x, const float* __restrict dy, const float* __restrict a,
-                  const float* __restrict b, const float* __restrict mean, int64_t rows, int64_t c,
-                  float lo, float hi, float* __restrict s0, float* __restrict s1) {
-  for (int64_t r = 0; r < rows; ++r, x += c, dy += c) {
-    for (int64_t k = 0; k < c; ++k) {
-      float d = dy[k];  // Loaded unconditionally so that the select vectorizes.
-      float z = x[k] * a[k] + b[k];
-      float g = (z > lo) & (z < hi) ? d : 0.0f;
-      s0[k] += g;
-      s1[k] += g * (x[k] - mean[k]);
-    }
+                  const float* __restrict b, const float* __restrict mean, int64_t len, float lo,
+                  float hi, float* __restrict s0, float* __restrict s1) {
+  for (int64_t k = 0; k < len; ++k) {
+    float d = dy[k];  // Loaded unconditionally so that the select vectorizes.
+    float z = x[k] * a[k] + b[k];
+    float g = (z > lo) & (z < hi) ? d : 0.0f;
+    s0[k] += g;
+    s1[k] += g * (x[k] - mean[k]);
+  }
+}
+
+void Normalize(const float* __restrict x, const float* __restrict a, const float* __restrict b,
+               int64_t len, float lo, float hi, float* __restrict y) {
+  for (int64_t k = 0; k < len; ++k) y[k] = std::min(std::max(x[k] * a[k] + b[k], lo), hi);
+}
+
+void InputGradient(const float* __restrict x, const float* __restrict dy,
+                   const float* __restrict a, const float* __restrict b,
+                   const float* __restrict k1, const float* __restrict k0, int64_t len, float lo,
+                   float hi, float* __restrict dx) {
+  for (int64_t k = 0; k < len; ++k) {
+    float d = dy[k];
+    float z = x[k] * a[k] + b[k];
+    float g = (z > lo) & (z < hi) ? d : 0.0f;
+    dx[k] = a[k] * g + k1[k] * x[k] + k0[k];
   }
 }
 
@@ -94,8 +143,8 @@ ffi::Error StatsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   int64_t c = Channels(x), rows = x.element_count() / c;
   const float* in = x.typed_data();
   std::vector<double> sum, sum_sq;
-  ColumnSums(pool, rows, c, [&](int64_t first, int64_t last, float* s0, float* s1) {
-    SumAndSquares(in + first * c, last - first, c, s0, s1);
+  ColumnSums(pool, rows, c, [&](int64_t first, int64_t n, float* s0, float* s1) {
+    SumAndSquares(in + first * c, n * c, s0, s1);
   }, sum, sum_sq);
   for (int64_t k = 0; k < c; ++k) {
     double m = sum[k] / rows;
@@ -108,16 +157,13 @@ ffi::Error StatsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // y = clip(x * a + b, lo, hi).
 ffi::Error ApplyImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
                      ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y, float lo, float hi) {
-  int64_t c = Channels(x), rows = x.element_count() / c;
-  const float *in = x.typed_data(), *pa = a.typed_data(), *pb = b.typed_data();
+  int64_t c = Channels(x), rows = x.element_count() / c, per_span = RowsPerSpan(c);
+  const std::vector<float> ta = Tiled(a.typed_data(), c, per_span),
+                           tb = Tiled(b.typed_data(), c, per_span);
+  const float* in = x.typed_data();
   float* out = y->typed_data();
-  mobilenet::ParallelFor(pool, rows, mobilenet::NumChunks(pool, rows),
-                         [&](int64_t, int64_t first, int64_t last) {
-    for (int64_t r = first; r < last; ++r) {
-      const float* row = in + r * c;
-      float* out_row = out + r * c;
-      for (int64_t k = 0; k < c; ++k) out_row[k] = std::min(std::max(row[k] * pa[k] + pb[k], lo), hi);
-    }
+  ParallelSpans(pool, rows, per_span, [&](int64_t first, int64_t n) {
+    Normalize(in + first * c, ta.data(), tb.data(), n * c, lo, hi, out + first * c);
   });
   return ffi::Error::Success();
 }
@@ -129,12 +175,15 @@ ffi::Error BackwardSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> mean,
                             ffi::ResultBuffer<ffi::F32> sum_g, ffi::ResultBuffer<ffi::F32> sum_gx,
                             float lo, float hi) {
-  int64_t c = Channels(x), rows = x.element_count() / c;
-  const float *in = x.typed_data(), *grad = dy.typed_data(), *pa = a.typed_data(),
-              *pb = b.typed_data(), *pm = mean.typed_data();
+  int64_t c = Channels(x), rows = x.element_count() / c, per_span = RowsPerSpan(c);
+  const std::vector<float> ta = Tiled(a.typed_data(), c, per_span),
+                           tb = Tiled(b.typed_data(), c, per_span),
+                           tm = Tiled(mean.typed_data(), c, per_span);
+  const float *in = x.typed_data(), *grad = dy.typed_data();
   std::vector<double> s_g, s_gx;
-  ColumnSums(pool, rows, c, [&](int64_t first, int64_t last, float* s0, float* s1) {
-    GradientSums(in + first * c, grad + first * c, pa, pb, pm, last - first, c, lo, hi, s0, s1);
+  ColumnSums(pool, rows, c, [&](int64_t first, int64_t n, float* s0, float* s1) {
+    GradientSums(in + first * c, grad + first * c, ta.data(), tb.data(), tm.data(), n * c, lo,
+                 hi, s0, s1);
   }, s_g, s_gx);
   for (int64_t k = 0; k < c; ++k) {
     sum_g->typed_data()[k] = static_cast<float>(s_g[k]);
@@ -149,23 +198,16 @@ ffi::Error BackwardInputImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> k1,
                              ffi::Buffer<ffi::F32> k0, ffi::ResultBuffer<ffi::F32> dx, float lo,
                              float hi) {
-  int64_t c = Channels(x), rows = x.element_count() / c;
-  const float *in = x.typed_data(), *grad = dy.typed_data(), *pa = a.typed_data(),
-              *pb = b.typed_data(), *p1 = k1.typed_data(), *p0 = k0.typed_data();
+  int64_t c = Channels(x), rows = x.element_count() / c, per_span = RowsPerSpan(c);
+  const std::vector<float> ta = Tiled(a.typed_data(), c, per_span),
+                           tb = Tiled(b.typed_data(), c, per_span),
+                           t1 = Tiled(k1.typed_data(), c, per_span),
+                           t0 = Tiled(k0.typed_data(), c, per_span);
+  const float *in = x.typed_data(), *grad = dy.typed_data();
   float* out = dx->typed_data();
-  mobilenet::ParallelFor(pool, rows, mobilenet::NumChunks(pool, rows),
-                         [&](int64_t, int64_t first, int64_t last) {
-    for (int64_t r = first; r < last; ++r) {
-      const float* row = in + r * c;
-      const float* grad_row = grad + r * c;
-      float* out_row = out + r * c;
-      for (int64_t k = 0; k < c; ++k) {
-        float d = grad_row[k];
-        float z = row[k] * pa[k] + pb[k];
-        float g = (z > lo) & (z < hi) ? d : 0.0f;
-        out_row[k] = pa[k] * g + p1[k] * row[k] + p0[k];
-      }
-    }
+  ParallelSpans(pool, rows, per_span, [&](int64_t first, int64_t n) {
+    InputGradient(in + first * c, grad + first * c, ta.data(), tb.data(), t1.data(), t0.data(),
+                  n * c, lo, hi, out + first * c);
   });
   return ffi::Error::Success();
 }

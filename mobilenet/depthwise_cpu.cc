@@ -8,10 +8,18 @@
 // (kh, kw, C); strides and the low padding come as attributes. Images are
 // split into chunks on XLA's thread pool; each chunk owns whole images, so no
 // writes race.
+//
+// MobileNet's case, a 3x3 filter over a multiple of 8 channels, has loops of
+// its own: 8 channels at a time in one AVX register, the 9 taps held in
+// registers, each output written once, padding handled by a zero row and by
+// bounds checks on the border columns only. The general loops below run a
+// runtime-length channel loop per tap, whose overhead dominated at 8-32
+// channels (4.2 ms vs 0.6 ms for the 32x32x8 layer at batch 128).
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_loops.h"
@@ -33,8 +41,143 @@ void ForImages(ffi::ThreadPool& pool, int64_t n, int64_t chunks, Body body) {
                          [&](int64_t chunk, int64_t lo, int64_t hi) { body(lo, hi, chunk); });
 }
 
+// Eight float32 lanes (GCC's vector extension; one AVX register).
+typedef float Vec8 __attribute__((vector_size(32)));
+constexpr int64_t kLanes = 8;
+
+inline Vec8 Load(const float* p) {
+  Vec8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void Store(float* p, Vec8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Whether the vectorized 3x3 loops apply.
+bool Vectorized3x3(const Geometry& g) {
+  return g.kh == 3 && g.kw == 3 && g.c % kLanes == 0 && g.pt >= 0 && g.pl >= 0;
+}
+
+// The output columns [first, last) whose three input columns j * stride - pad
+// + {0, 1, 2} all lie inside [0, width): no bounds checks needed there.
+struct Columns {
+  int64_t first, last;
+};
+
+Columns InteriorColumns(int64_t width, int64_t out_width, int64_t stride, int64_t pad) {
+  int64_t first = std::min((pad + stride - 1) / stride, out_width);
+  int64_t last = width - 3 + pad >= 0 ? (width - 3 + pad) / stride + 1 : 0;
+  return {first, std::clamp(last, first, out_width)};
+}
+
+// Calls column(j, checked) for j in [0, out_width), checked = false on the interior.
+template <typename Column>
+void ForColumns(const Columns& interior, int64_t out_width, Column column) {
+  for (int64_t j = 0; j < interior.first; ++j) column(j, std::true_type());
+  for (int64_t j = interior.first; j < interior.last; ++j) column(j, std::false_type());
+  for (int64_t j = interior.last; j < out_width; ++j) column(j, std::true_type());
+}
+
+// Row pointers for output row i: the three input rows it reads (a row of
+// zeros where the window hangs over the top or bottom edge).
+void InputRows(const Geometry& g, const float* image, const float* zeros, int64_t i,
+               const float* rows[3]) {
+  for (int64_t a = 0; a < 3; ++a) {
+    int64_t r = i * g.sh + a - g.pt;
+    rows[a] = (r < 0 || r >= g.h) ? zeros : image + r * g.w * g.c;
+  }
+}
+
+// Forward, 3x3 filter, channels a multiple of 8.
+void Forward3x3(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* f,
+                float* y) {
+  const std::vector<float> zeros(g.w * g.c, 0.0f);
+  const Columns interior = InteriorColumns(g.w, g.ow, g.sw, g.pl);
+  ForImages(pool, g.n, mobilenet::NumChunks(pool, g.n), [&](int64_t lo, int64_t hi, int64_t) {
+    for (int64_t n = lo; n < hi; ++n) {
+      for (int64_t i = 0; i < g.oh; ++i) {
+        const float* rows[3];
+        InputRows(g, x + n * g.h * g.w * g.c, zeros.data(), i, rows);
+        float* out = y + (n * g.oh + i) * g.ow * g.c;
+        for (int64_t cb = 0; cb < g.c; cb += kLanes) {
+          Vec8 taps[9];
+          for (int k = 0; k < 9; ++k) taps[k] = Load(f + k * g.c + cb);
+          ForColumns(interior, g.ow, [&](int64_t j, auto checked) {
+            int64_t q0 = j * g.sw - g.pl;
+            Vec8 acc = {};
+            for (int a = 0; a < 3; ++a) {
+              for (int b = 0; b < 3; ++b) {
+                if (checked && (q0 + b < 0 || q0 + b >= g.w)) continue;
+                acc += Load(rows[a] + (q0 + b) * g.c + cb) * taps[a * 3 + b];
+              }
+            }
+            Store(out + j * g.c + cb, acc);
+          });
+        }
+      }
+    }
+  });
+}
+
+// Input gradient at stride 1, 3x3: the forward correlation of dy with the
+// filter flipped in both axes and the padding mirrored (2 - pad).
+bool InputGradAsForward3x3(const Geometry& g) {
+  return Vectorized3x3(g) && g.sh == 1 && g.sw == 1 && g.pt <= 2 && g.pl <= 2;
+}
+
+void InputGrad3x3(ffi::ThreadPool& pool, const Geometry& g, const float* dy, const float* f,
+                  float* dx) {
+  std::vector<float> flipped(9 * g.c);
+  for (int64_t k = 0; k < 9; ++k) std::copy(f + (8 - k) * g.c, f + (9 - k) * g.c, flipped.data() + k * g.c);
+  Geometry transposed{g.n, g.oh, g.ow, g.c, 3, 3, g.h, g.w, 1, 1, 2 - g.pt, 2 - g.pl};
+  Forward3x3(pool, transposed, dy, flipped.data(), dx);
+}
+
+// Filter gradient, 3x3, channels a multiple of 8: nine vector accumulators
+// per channel block and image, in float32 per image, double across images.
+void FilterGrad3x3(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* dy,
+                   float* df) {
+  const int64_t taps = 9 * g.c;
+  const int64_t chunks = mobilenet::NumChunks(pool, g.n);
+  const std::vector<float> zeros(g.w * g.c, 0.0f);
+  const Columns interior = InteriorColumns(g.w, g.ow, g.sw, g.pl);
+  std::vector<double> totals(chunks * taps, 0.0);
+  ForImages(pool, g.n, chunks, [&](int64_t lo, int64_t hi, int64_t t) {
+    double* total = totals.data() + t * taps;
+    for (int64_t n = lo; n < hi; ++n) {
+      for (int64_t cb = 0; cb < g.c; cb += kLanes) {
+        Vec8 acc[9] = {};
+        for (int64_t i = 0; i < g.oh; ++i) {
+          const float* rows[3];
+          InputRows(g, x + n * g.h * g.w * g.c, zeros.data(), i, rows);
+          const float* grad = dy + (n * g.oh + i) * g.ow * g.c + cb;
+          ForColumns(interior, g.ow, [&](int64_t j, auto checked) {
+            int64_t q0 = j * g.sw - g.pl;
+            Vec8 d = Load(grad + j * g.c);
+            for (int a = 0; a < 3; ++a) {
+              for (int b = 0; b < 3; ++b) {
+                if (checked && (q0 + b < 0 || q0 + b >= g.w)) continue;
+                acc[a * 3 + b] += Load(rows[a] + (q0 + b) * g.c + cb) * d;
+              }
+            }
+          });
+        }
+        for (int k = 0; k < 9; ++k) {
+          for (int64_t lane = 0; lane < kLanes; ++lane) total[k * g.c + cb + lane] += acc[k][lane];
+        }
+      }
+    }
+  });
+  for (int64_t k = 0; k < taps; ++k) {
+    double sum = 0.0;
+    for (int64_t t = 0; t < chunks; ++t) sum += totals[t * taps + k];
+    df[k] = static_cast<float>(sum);
+  }
+}
+
 // y[n,i,j,c] = sum_{a,b} x[n, i*sh+a-pt, j*sw+b-pl, c] * f[a,b,c]  (zero outside x).
 void Forward(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* f, float* y) {
+  if (Vectorized3x3(g)) return Forward3x3(pool, g, x, f, y);
   ForImages(pool, g.n, mobilenet::NumChunks(pool, g.n), [&](int64_t lo, int64_t hi, int64_t) {
     for (int64_t n = lo; n < hi; ++n) {
       for (int64_t i = 0; i < g.oh; ++i) {
@@ -61,6 +204,7 @@ void Forward(ffi::ThreadPool& pool, const Geometry& g, const float* x, const flo
 // dx[n,r,q,c] = sum over the (i,j,a,b) that read (r,q) of dy[n,i,j,c] * f[a,b,c].
 void InputGrad(ffi::ThreadPool& pool, const Geometry& g, const float* dy, const float* f,
                float* dx) {
+  if (InputGradAsForward3x3(g)) return InputGrad3x3(pool, g, dy, f, dx);
   ForImages(pool, g.n, mobilenet::NumChunks(pool, g.n), [&](int64_t lo, int64_t hi, int64_t) {
     std::memset(dx + lo * g.h * g.w * g.c, 0, sizeof(float) * (hi - lo) * g.h * g.w * g.c);
     for (int64_t n = lo; n < hi; ++n) {
@@ -89,6 +233,7 @@ void InputGrad(ffi::ThreadPool& pool, const Geometry& g, const float* dy, const 
 // images, so long batches do not lose precision.
 void FilterGrad(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* dy,
                 float* df) {
+  if (Vectorized3x3(g)) return FilterGrad3x3(pool, g, x, dy, df);
   int64_t taps = g.kh * g.kw * g.c;
   int64_t chunks = mobilenet::NumChunks(pool, g.n);
   std::vector<double> totals(chunks * taps, 0.0);
