@@ -8,17 +8,26 @@ one by name:
   matrix product with the kernel. XLA:CPU computes the plain convolution's
   filter gradient through a slow generic path (~35-50 ms per step for the
   stem at batch 128, 32x32); the product's gradients are matrix products
-  (8-11 ms with the patches copy included). A C++ loop like the depthwise
-  kernel's was tried and was no faster.
+  (8-11 ms with the patches copy included).
+- 'cpu_kernel': C++ loops (`convolution_cpu.cc`) for the forward pass and the
+  filter gradient that read each input pixel in place rather than through a
+  copy 9x the image's size; the input gradient (not needed for a stem, so XLA
+  drops it) is the patches form's. Needs a multiple of 8 output channels;
+  other counts run as 'patches'.
 
-'auto' picks 'patches' on CPU and 'xla' on every other backend.
+'auto' picks 'cpu_kernel' on CPU ('patches' if the kernels cannot be built)
+and 'xla' on every other backend.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from mobilenet import cpu_kernels
 from mobilenet import depthwise
 
-IMPLEMENTATIONS = ('xla', 'patches')
+IMPLEMENTATIONS = ('xla', 'patches', 'cpu_kernel')
 
 
 def conv_xla(inputs, kernel, strides: int):
@@ -26,10 +35,17 @@ def conv_xla(inputs, kernel, strides: int):
                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
+def _same_pads(inputs, kernel, strides: int):
+  return depthwise.explicit_padding(inputs.shape[1:3], kernel.shape[:2], (strides, strides), 'SAME')
+
+
 def conv_as_patches(inputs, kernel, strides: int):
   """The convolution as patches @ kernel.reshape(k*k*C, N)."""
+  return _patches_product(inputs, kernel, strides, _same_pads(inputs, kernel, strides))
+
+
+def _patches_product(inputs, kernel, strides: int, pads):
   kh, kw, in_channels, out_channels = kernel.shape
-  pads = depthwise.explicit_padding(inputs.shape[1:3], (kh, kw), (strides, strides), 'SAME')
   padded = jnp.pad(inputs, ((0, 0), *pads, (0, 0)))
   out_h = (padded.shape[1] - kh) // strides + 1
   out_w = (padded.shape[2] - kw) // strides + 1
@@ -40,6 +56,48 @@ def conv_as_patches(inputs, kernel, strides: int):
   return jnp.dot(patches, kernel.reshape(kh * kw * in_channels, out_channels))
 
 
+def _kernel_call(name, out_shape, first, second, strides: int, pads):
+  """Calls one compiled kernel on float32 operands."""
+  return jax.ffi.ffi_call(f'mobilenet_conv_{name}', jax.ShapeDtypeStruct(out_shape, jnp.float32))(
+      first, second, sh=np.int64(strides), sw=np.int64(strides), pt=np.int64(pads[0][0]),
+      pl=np.int64(pads[1][0]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _kernel_conv(x, w, strides: int, pads):
+  """x (N, H, W, C) and w (kh, kw, C, O) float32, O a multiple of 8."""
+  out_h = (x.shape[1] + sum(pads[0]) - w.shape[0]) // strides + 1
+  out_w = (x.shape[2] + sum(pads[1]) - w.shape[1]) // strides + 1
+  return _kernel_call('forward', (x.shape[0], out_h, out_w, w.shape[3]), x, w, strides, pads)
+
+
+def _kernel_conv_fwd(x, w, strides, pads):
+  return _kernel_conv(x, w, strides, pads), (x, w)
+
+
+def _kernel_conv_bwd(strides, pads, residuals, g):
+  x, w = residuals
+  dw = _kernel_call('filter_grad', w.shape, x, g, strides, pads)
+  _, input_vjp = jax.vjp(lambda x: _patches_product(x, w, strides, pads), x)
+  dx, = input_vjp(g)
+  return dx, dw
+
+
+_kernel_conv.defvjp(_kernel_conv_fwd, _kernel_conv_bwd)
+
+
+def conv_cpu_kernel(inputs, kernel, strides: int):
+  """The C++ CPU kernel ('patches' when the output channels are not a multiple of 8)."""
+  if not cpu_kernels.available():
+    raise RuntimeError("convolution implementation 'cpu_kernel' is unavailable: "
+                       f'{cpu_kernels.error()}')
+  if kernel.shape[-1] % 8:
+    return conv_as_patches(inputs, kernel, strides)
+  out = _kernel_conv(inputs.astype(jnp.float32), kernel.astype(jnp.float32), strides,
+                     _same_pads(inputs, kernel, strides))
+  return out.astype(inputs.dtype)
+
+
 def resolve_implementation(name: str, backend: str = None) -> str:
   """Maps 'auto' to the implementation measured fastest for this backend."""
   if name not in IMPLEMENTATIONS + ('auto',):
@@ -47,10 +105,12 @@ def resolve_implementation(name: str, backend: str = None) -> str:
                      f'{IMPLEMENTATIONS} or "auto"')
   if name != 'auto':
     return name
-  return 'patches' if (backend or jax.default_backend()) == 'cpu' else 'xla'
+  if (backend or jax.default_backend()) != 'cpu':
+    return 'xla'
+  return 'cpu_kernel' if cpu_kernels.available() else 'patches'
 
 
-_REGISTRY = {'xla': conv_xla, 'patches': conv_as_patches}
+_REGISTRY = {'xla': conv_xla, 'patches': conv_as_patches, 'cpu_kernel': conv_cpu_kernel}
 
 
 def conv(inputs, kernel, *, strides: int = 1, implementation: str = 'auto'):

@@ -1,9 +1,10 @@
 """The project's C++ kernels for XLA:CPU: built on first use, registered with jax.ffi.
 
-`depthwise_cpu.cc` (depthwise convolution) and `batch_norm_cpu.cc` (BatchNorm
-+ activation) are compiled together with the system C++ compiler (`$CXX`,
-else g++), `-O3 -march=native`, against jaxlib's FFI headers (and
-`cpu_loops.h`, their shared parallel loop), into one shared
+`depthwise_cpu.cc` (depthwise convolution), `batch_norm_cpu.cc` (BatchNorm
++ activation) and `convolution_cpu.cc` (the stem's dense convolution) are
+compiled together with the system C++ compiler (`$CXX`, else g++), `-O3
+-march=native`, against jaxlib's FFI headers (and the shared headers
+`cpu_loops.h`, the parallel loop, and `cpu_vectors.h`), into one shared
 library cached in `$MOBILENET_CACHE_DIR` (default `~/.cache/mobilenet`) under a
 key of the sources, the jax version and the CPU's feature flags, so a change of
 any of them rebuilds it. No build step and no dependency besides a compiler;
@@ -22,8 +23,8 @@ from typing import Optional
 import jax
 
 _HERE = pathlib.Path(__file__).parent
-SOURCES = (_HERE / 'depthwise_cpu.cc', _HERE / 'batch_norm_cpu.cc')
-HEADERS = (_HERE / 'cpu_loops.h',)
+SOURCES = (_HERE / 'depthwise_cpu.cc', _HERE / 'batch_norm_cpu.cc', _HERE / 'convolution_cpu.cc')
+HEADERS = (_HERE / 'cpu_loops.h', _HERE / 'cpu_vectors.h')
 # FFI target name -> exported handler symbol.
 TARGETS = {
     'mobilenet_depthwise_forward': 'DepthwiseForward',
@@ -33,6 +34,8 @@ TARGETS = {
     'mobilenet_batch_norm_apply': 'BatchNormApply',
     'mobilenet_batch_norm_backward_sums': 'BatchNormBackwardSums',
     'mobilenet_batch_norm_backward_input': 'BatchNormBackwardInput',
+    'mobilenet_conv_forward': 'ConvolutionForward',
+    'mobilenet_conv_filter_grad': 'ConvolutionFilterGrad',
 }
 
 

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "cpu_loops.h"
+#include "cpu_vectors.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -41,17 +42,10 @@ void ForImages(ffi::ThreadPool& pool, int64_t n, int64_t chunks, Body body) {
                          [&](int64_t chunk, int64_t lo, int64_t hi) { body(lo, hi, chunk); });
 }
 
-// Eight float32 lanes (GCC's vector extension; one AVX register).
-typedef float Vec8 __attribute__((vector_size(32)));
-constexpr int64_t kLanes = 8;
-
-inline Vec8 Load(const float* p) {
-  Vec8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void Store(float* p, Vec8 v) { std::memcpy(p, &v, sizeof(v)); }
+using mobilenet::kLanes;
+using mobilenet::Load;
+using mobilenet::Store;
+using mobilenet::Vec8;
 
 // Whether the vectorized 3x3 loops apply.
 bool Vectorized3x3(const Geometry& g) {
