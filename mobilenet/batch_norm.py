@@ -32,6 +32,12 @@ def _coefficients(mean, inv_std, scale, bias):
   return a, bias - mean * a
 
 
+def inference_affine(params, batch_stats, epsilon: float):
+  """(a, b) with inference-mode BatchNorm(x) = x * a + b, from a module's variables."""
+  inv_std = jax.lax.rsqrt(batch_stats['var'] + epsilon)
+  return _coefficients(batch_stats['mean'], inv_std, params['scale'], params['bias'])
+
+
 def _statistics(x):
   """Float32 batch mean and biased variance over all axes but the last."""
   axes = tuple(range(x.ndim - 1))
@@ -85,7 +91,8 @@ _xla_train.defvjp(_xla_train_fwd, _xla_train_bwd)
 
 
 # The activations the C++ kernels compute, as clip(z, lo, hi).
-_CLIP_BOUNDS = {nn.relu: (0.0, float('inf')), jax.nn.relu6: (0.0, 6.0)}
+# The activations the C++ kernels compute, as clip(z, lo, hi).
+CLIP_BOUNDS = {nn.relu: (0.0, float('inf')), jax.nn.relu6: (0.0, 6.0)}
 IMPLEMENTATIONS = ('xla', 'cpu_kernel')
 
 
@@ -143,7 +150,7 @@ def resolve_implementation(name: str, activation: Callable, backend: Optional[st
   if name != 'auto':
     return name
   backend = backend or jax.default_backend()
-  if backend == 'cpu' and activation in _CLIP_BOUNDS and cpu_kernels.available():
+  if backend == 'cpu' and activation in CLIP_BOUNDS and cpu_kernels.available():
     return 'cpu_kernel'
   return 'xla'
 
@@ -170,20 +177,20 @@ class BatchNormActivation(nn.Module):
     running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
     running_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
     on_kernel = resolve_implementation(self.implementation, self.activation) == 'cpu_kernel'
-    if on_kernel and self.activation not in _CLIP_BOUNDS:
+    if on_kernel and self.activation not in CLIP_BOUNDS:
       raise ValueError(f'the batch-norm CPU kernel computes ReLU and ReLU6 only, not {self.activation}')
     if self.use_running_average:
-      inv_std = jax.lax.rsqrt(running_var.value + self.epsilon)
-      a, b = _coefficients(running_mean.value, inv_std, scale, bias)
+      a, b = inference_affine({'scale': scale, 'bias': bias},
+                              {'mean': running_mean.value, 'var': running_var.value}, self.epsilon)
       if on_kernel:
-        lo, hi = _CLIP_BOUNDS[self.activation]
+        lo, hi = CLIP_BOUNDS[self.activation]
         y = _kernel('apply', jax.ShapeDtypeStruct(x.shape, jnp.float32), x.astype(jnp.float32),
                     a, b, lo=np.float32(lo), hi=np.float32(hi))
         return y.astype(self.dtype)
       return self.activation(x.astype(jnp.float32) * a + b).astype(self.dtype)
     if on_kernel:
       y, mean, var = _kernel_train(x.astype(jnp.float32), scale, bias, self.epsilon,
-                                   *_CLIP_BOUNDS[self.activation])
+                                   *CLIP_BOUNDS[self.activation])
       y = y.astype(self.dtype)
     else:
       y, mean, var = _xla_train(x, scale, bias, self.epsilon, self.activation, self.dtype)

@@ -46,6 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.dropout_rate = 0.0
   config.model.dtype = 'float32'  # Compute dtype; parameters stay float32.
   config.model.depthwise_implementation = 'auto'  # 'auto': fastest measured on the backend.
+  # Eval on the CPU kernels with the BatchNorms fused into the depthwise kernel (inference.py).
+  config.model.fused_inference = True
   config.model.min_channels = 8  # Channels are max(int(c * alpha), min_channels).
   config.model.batch_norm_momentum = 0.9
   config.model.batch_norm_epsilon = 1e-3

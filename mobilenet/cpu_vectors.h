@@ -26,6 +26,12 @@ inline Vec8 Load(const float* p) {
 
 inline void Store(float* p, Vec8 v) { std::memcpy(p, &v, sizeof(v)); }
 
+// min(max(v, lo), hi) lane by lane.
+inline Vec8 Clip(Vec8 v, Vec8 lo, Vec8 hi) {
+  v = v > lo ? v : lo;
+  return v < hi ? v : hi;
+}
+
 }  // namespace mobilenet
 
 #endif  // MOBILENET_CPU_VECTORS_H_

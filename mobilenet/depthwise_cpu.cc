@@ -82,6 +82,35 @@ void InputRows(const Geometry& g, const float* image, const float* zeros, int64_
   }
 }
 
+// One image of the 3x3 forward (channels a multiple of 8); epilogue(acc, cb)
+// maps each output vector (channels cb .. cb + 7) before it is stored. One
+// accumulator per filter row: three short chains of multiply-adds rather than
+// one of nine, whose latency would bound the loop.
+template <typename Epilogue>
+void Forward3x3Image(const Geometry& g, const Columns& interior, const float* image,
+                     const float* zeros, const float* f, float* out_image, Epilogue epilogue) {
+  for (int64_t i = 0; i < g.oh; ++i) {
+    const float* rows[3];
+    InputRows(g, image, zeros, i, rows);
+    float* out = out_image + i * g.ow * g.c;
+    for (int64_t cb = 0; cb < g.c; cb += kLanes) {
+      Vec8 taps[9];
+      for (int k = 0; k < 9; ++k) taps[k] = Load(f + k * g.c + cb);
+      ForColumns(interior, g.ow, [&](int64_t j, auto checked) {
+        int64_t q0 = j * g.sw - g.pl;
+        Vec8 acc[3] = {};
+        for (int a = 0; a < 3; ++a) {
+          for (int b = 0; b < 3; ++b) {
+            if (checked && (q0 + b < 0 || q0 + b >= g.w)) continue;
+            acc[a] += Load(rows[a] + (q0 + b) * g.c + cb) * taps[a * 3 + b];
+          }
+        }
+        Store(out + j * g.c + cb, epilogue(acc[0] + acc[1] + acc[2], cb));
+      });
+    }
+  }
+}
+
 // Forward, 3x3 filter, channels a multiple of 8.
 void Forward3x3(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* f,
                 float* y) {
@@ -89,26 +118,45 @@ void Forward3x3(ffi::ThreadPool& pool, const Geometry& g, const float* x, const 
   const Columns interior = InteriorColumns(g.w, g.ow, g.sw, g.pl);
   ForImages(pool, g.n, mobilenet::NumChunks(pool, g.n), [&](int64_t lo, int64_t hi, int64_t) {
     for (int64_t n = lo; n < hi; ++n) {
-      for (int64_t i = 0; i < g.oh; ++i) {
-        const float* rows[3];
-        InputRows(g, x + n * g.h * g.w * g.c, zeros.data(), i, rows);
-        float* out = y + (n * g.oh + i) * g.ow * g.c;
+      Forward3x3Image(g, interior, x + n * g.h * g.w * g.c, zeros.data(), f,
+                      y + n * g.oh * g.ow * g.c, [](Vec8 acc, int64_t) { return acc; });
+    }
+  });
+}
+
+// Inference with each BatchNorm + activation as a per-channel affine map and
+// a clip (inference.py): the previous layer's applied to each image as it is
+// read (into a per-thread buffer, where the 9 taps then read it), this
+// layer's to each output before it is stored, so neither costs a pass of its
+// own over memory:
+// y = clip(depthwise(clip(x * in_scale + in_bias, in)) * out_scale + out_bias, out).
+struct Affine {
+  const float* scale;
+  const float* bias;
+  float lo, hi;  // The activation's clip bounds.
+};
+
+void InferenceForward3x3(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* f,
+                         const Affine& in, const Affine& out, float* y) {
+  const std::vector<float> zeros(g.w * g.c, 0.0f);
+  const Columns interior = InteriorColumns(g.w, g.ow, g.sw, g.pl);
+  const Vec8 in_lo = in.lo - Vec8{}, in_hi = in.hi - Vec8{};
+  const Vec8 out_lo = out.lo - Vec8{}, out_hi = out.hi - Vec8{};
+  ForImages(pool, g.n, mobilenet::NumChunks(pool, g.n), [&](int64_t lo, int64_t hi, int64_t) {
+    std::vector<float> activated(g.h * g.w * g.c);
+    for (int64_t n = lo; n < hi; ++n) {
+      const float* image = x + n * g.h * g.w * g.c;
+      for (int64_t p = 0; p < g.h * g.w; ++p) {
         for (int64_t cb = 0; cb < g.c; cb += kLanes) {
-          Vec8 taps[9];
-          for (int k = 0; k < 9; ++k) taps[k] = Load(f + k * g.c + cb);
-          ForColumns(interior, g.ow, [&](int64_t j, auto checked) {
-            int64_t q0 = j * g.sw - g.pl;
-            Vec8 acc = {};
-            for (int a = 0; a < 3; ++a) {
-              for (int b = 0; b < 3; ++b) {
-                if (checked && (q0 + b < 0 || q0 + b >= g.w)) continue;
-                acc += Load(rows[a] + (q0 + b) * g.c + cb) * taps[a * 3 + b];
-              }
-            }
-            Store(out + j * g.c + cb, acc);
-          });
+          Vec8 v = Load(image + p * g.c + cb) * Load(in.scale + cb) + Load(in.bias + cb);
+          Store(activated.data() + p * g.c + cb, mobilenet::Clip(v, in_lo, in_hi));
         }
       }
+      Forward3x3Image(g, interior, activated.data(), zeros.data(), f, y + n * g.oh * g.ow * g.c,
+                      [&](Vec8 acc, int64_t cb) {
+                        Vec8 v = acc * Load(out.scale + cb) + Load(out.bias + cb);
+                        return mobilenet::Clip(v, out_lo, out_hi);
+                      });
     }
   });
 }
@@ -276,6 +324,23 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return ffi::Error::Success();
 }
 
+ffi::Error InferenceForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                ffi::Buffer<ffi::F32> f, ffi::Buffer<ffi::F32> in_scale,
+                                ffi::Buffer<ffi::F32> in_bias, ffi::Buffer<ffi::F32> out_scale,
+                                ffi::Buffer<ffi::F32> out_bias, ffi::ResultBuffer<ffi::F32> y,
+                                int64_t sh, int64_t sw, int64_t pt, int64_t pl, float in_lo,
+                                float in_hi, float out_lo, float out_hi) {
+  Geometry g = MakeGeometry(x.dimensions(), f.dimensions(), y->dimensions(), sh, sw, pt, pl);
+  if (!Vectorized3x3(g)) {
+    return ffi::Error::InvalidArgument("needs a 3x3 filter over a multiple of 8 channels");
+  }
+  InferenceForward3x3(pool, g, x.typed_data(), f.typed_data(),
+                      {in_scale.typed_data(), in_bias.typed_data(), in_lo, in_hi},
+                      {out_scale.typed_data(), out_bias.typed_data(), out_lo, out_hi},
+                      y->typed_data());
+  return ffi::Error::Success();
+}
+
 ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> f,
                          ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt,
                          int64_t pl) {
@@ -309,3 +374,22 @@ ffi::Error FilterGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseForward, ForwardImpl, DEPTHWISE_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseInputGrad, InputGradImpl, DEPTHWISE_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseFilterGrad, FilterGradImpl, DEPTHWISE_BINDING);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseInferenceForward, InferenceForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<float>("in_lo")
+                                  .Attr<float>("in_hi")
+                                  .Attr<float>("out_lo")
+                                  .Attr<float>("out_hi"));
