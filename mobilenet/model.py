@@ -44,8 +44,10 @@ class MobileNetV1(nn.Module):
 
   @nn.compact
   def __call__(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    # Layer by layer when initializing (to create the variables) or when a
+    # caller captures the layers' intermediates.
     if (not train and self.fused_inference and not self.is_initializing()
-        and inference.supported(self)):
+        and not self.is_mutable_collection('intermediates') and inference.supported(self)):
       return inference.forward(self, self.variables, images)
     norm_activation = functools.partial(
         batch_norm.BatchNormActivation, use_running_average=not train,
