@@ -22,7 +22,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from mobilenet import checkpointing, counting, optim, parallel, train
+from mobilenet import checkpointing, config_base, counting, optim, parallel, train
 from mobilenet.errors import UserError
 from mobilenet.model import create_model
 from mobilenet.train_step import create_train_state, eval_step
@@ -82,11 +82,24 @@ def default_output_dir(workdirs: list[str]) -> str:
 
 
 def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict | None:
-  """The config a run recorded in config.json, or None when there is none."""
+  """The config a run recorded in config.json, or None when there is none.
+
+  Fields added to the schema since the run was recorded take their defaults.
+  """
   path = pathlib.Path(workdir) / train.CONFIG_FILE
   if not path.is_file():
     return None
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  config = config_base.base_config().to_dict()
+  _update_nested(config, json.loads(path.read_text()))
+  return ml_collections.ConfigDict(config)
+
+
+def _update_nested(target: dict, source: dict) -> None:
+  for key, value in source.items():
+    if isinstance(value, dict) and isinstance(target.get(key), dict):
+      _update_nested(target[key], value)
+    else:
+      target[key] = value
 
 
 def latest_checkpoint_step(workdir: str | pathlib.Path) -> int | None:

@@ -26,13 +26,20 @@ from mobilenet.train_step import TrainState, create_train_state, eval_step, trai
 CONFIG_FILE = 'config.json'
 # Config sections that decide the shape of the state: a workdir's run cannot change them.
 ARCHITECTURE_FIELDS = ('dataset', 'model', 'optimizer.name')
+# How the same function is computed: a resumed run may change these, and runs
+# recorded before a field existed compare as if they had its default.
+IMPLEMENTATION_FIELDS = {'model': ('depthwise_implementation', 'fused_inference')}
 
 
 def _config_value(config: ml_collections.ConfigDict | dict, dotted: str):
   value = config
   for part in dotted.split('.'):
     value = value[part]
-  return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+  value = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+  if isinstance(value, dict):
+    value = {key: item for key, item in value.items()
+             if key not in IMPLEMENTATION_FIELDS.get(dotted, ())}
+  return value
 
 
 def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> pathlib.Path:

@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mobilenet import config_base, train
+from mobilenet import config_base, evaluate, train
 from mobilenet.errors import EXIT_CODE, UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -152,6 +152,21 @@ def test_workdir_problems_leave_existing_runs_untouched(fashion_mnist_data_dir, 
     train.train_and_evaluate(
         tiny_config(fashion_mnist_data_dir, **{'model.width_multiplier': 0.5}), str(workdir))
   assert tree_snapshot(workdir) == before
+
+
+def test_runs_recorded_before_a_field_existed_resume_and_evaluate(tmp_path):
+  """A config.json without a newer implementation field neither blocks a resume nor evaluation."""
+  config = tiny_config(str(tmp_path / 'data'))
+  recorded = config.to_dict()
+  del recorded['model']['fused_inference']
+  recorded['model']['depthwise_implementation'] = 'shifted'
+  (tmp_path / train.CONFIG_FILE).write_text(json.dumps(recorded))
+  train.prepare_workdir(str(tmp_path), config)  # Same architecture: the resume goes ahead.
+  loaded = evaluate.load_run_config(tmp_path)
+  assert loaded.model.fused_inference is True and loaded.model.width_multiplier == 0.25
+  config.model.width_multiplier = 0.5
+  with pytest.raises(UserError, match='different config.model'):
+    train.prepare_workdir(str(tmp_path), config)
 
 
 def run_cli(args, env=None, timeout=300):
