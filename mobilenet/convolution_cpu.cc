@@ -118,12 +118,13 @@ void ForwardRow(const Geometry& g, const Window& window, const float* x, const f
   constexpr int kPixels = kBlocks >= 3 ? 2 : 8 / kBlocks;  // At most 8 accumulators.
   const bool interior_row = i >= window.first_row && i < window.last_row;
   for (int64_t j = 0; j < g.ow;) {
-    const float* corner = x + ((n * g.h + i * g.sh - g.pt) * g.w + j * g.sw - g.pl) * g.c;
+    // The window's top-left corner; only formed for interior pixels, where it lies in x.
+    auto corner = [&] { return x + ((n * g.h + i * g.sh - g.pt) * g.w + j * g.sw - g.pl) * g.c; };
     if (interior_row && j >= window.first_col && j + kPixels <= window.last_col) {
-      InteriorPixels<kBlocks, kPixels>(g, window, corner, w, first, out + j * g.o);
+      InteriorPixels<kBlocks, kPixels>(g, window, corner(), w, first, out + j * g.o);
       j += kPixels;
     } else if (interior_row && j >= window.first_col && j < window.last_col) {
-      InteriorPixels<kBlocks, 1>(g, window, corner, w, first, out + j * g.o);
+      InteriorPixels<kBlocks, 1>(g, window, corner(), w, first, out + j * g.o);
       ++j;
     } else {
       BorderPixel<kBlocks>(g, x, w, n, i, j, first, out + j * g.o);

@@ -1,8 +1,8 @@
 """The project's C++ kernels for XLA:CPU: built on first use, registered with jax.ffi.
 
 `depthwise_cpu.cc` (depthwise convolution), `batch_norm_cpu.cc` (BatchNorm
-+ activation) and `convolution_cpu.cc` (the stem's dense convolution) are
-compiled together with the system C++ compiler (`$CXX`, else g++), `-O3
++ activation), `convolution_cpu.cc` (the stem's dense convolution) and
+`pointwise_cpu.cc` (the pointwise filter gradient) are compiled together with the system C++ compiler (`$CXX`, else g++), `-O3
 -march=native`, against jaxlib's FFI headers (and the shared headers
 `cpu_loops.h`, the parallel loop, and `cpu_vectors.h`), into one shared
 library cached in `$MOBILENET_CACHE_DIR` (default `~/.cache/mobilenet`) under a
@@ -23,7 +23,8 @@ from typing import Optional
 import jax
 
 _HERE = pathlib.Path(__file__).parent
-SOURCES = (_HERE / 'depthwise_cpu.cc', _HERE / 'batch_norm_cpu.cc', _HERE / 'convolution_cpu.cc')
+SOURCES = (_HERE / 'depthwise_cpu.cc', _HERE / 'batch_norm_cpu.cc', _HERE / 'convolution_cpu.cc',
+           _HERE / 'pointwise_cpu.cc')
 HEADERS = (_HERE / 'cpu_loops.h', _HERE / 'cpu_vectors.h')
 # FFI target name -> exported handler symbol.
 TARGETS = {
@@ -37,6 +38,7 @@ TARGETS = {
     'mobilenet_batch_norm_backward_input': 'BatchNormBackwardInput',
     'mobilenet_conv_forward': 'ConvolutionForward',
     'mobilenet_conv_filter_grad': 'ConvolutionFilterGrad',
+    'mobilenet_pointwise_filter_grad': 'PointwiseFilterGrad',
 }
 
 

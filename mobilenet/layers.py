@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from mobilenet import batch_norm
 from mobilenet import convolution
 from mobilenet import depthwise
+from mobilenet import pointwise
 
 # He initialization: every convolution here is followed by BatchNorm and a ReLU.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
@@ -55,17 +56,20 @@ class PointwiseConv(nn.Module):
 
   Written as a dot rather than `nn.Conv(kernel_size=1)`: XLA on CPU runs the
   1x1 convolution's weight gradient several times slower than the same dot
-  (../shared/bench/FINDINGS.md). No bias: BatchNorm follows.
+  (../shared/bench/FINDINGS.md). `implementation` selects how the product's
+  filter gradient is computed (see pointwise.py). No bias: BatchNorm follows.
   """
   features: int
   dtype: Any = jnp.float32
   kernel_init: Callable = conv_kernel_init
+  implementation: str = 'auto'
 
   @nn.compact
   def __call__(self, inputs: jnp.ndarray) -> jnp.ndarray:
     kernel = self.param('kernel', self.kernel_init, (1, 1, inputs.shape[-1], self.features),
                         jnp.float32)
-    return jnp.einsum('nhwc,cd->nhwd', inputs.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+    return pointwise.pointwise_conv(inputs.astype(self.dtype), kernel[0, 0].astype(self.dtype),
+                                    implementation=self.implementation)
 
 
 class StandardConv(nn.Module):

@@ -1,0 +1,60 @@
+"""The pointwise convolution: every implementation computes the same product and gradients."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mobilenet import cpu_kernels
+from mobilenet import pointwise
+
+
+def reference(x, w, g):
+  """Output and both gradients of sum(g * (x @ w)) in float64."""
+  x, w, g = (np.asarray(a, np.float64) for a in (x, w, g))
+  flat_x, flat_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+  return x @ w, (flat_g @ w.T).reshape(x.shape), flat_x.T @ flat_g
+
+
+@pytest.mark.parametrize('implementation', pointwise.IMPLEMENTATIONS)
+@pytest.mark.parametrize('shape,features', [
+    ((2, 5, 7, 6), 16),     # One full register tile.
+    ((3, 4, 4, 13), 24),    # Partial tiles both ways.
+    ((1, 2, 2, 3), 8),
+    ((64, 16, 16, 8), 16),  # Many row blocks, split between threads.
+    ((2, 3, 3, 5), 12),     # Not a multiple of 8: the kernel defers to XLA.
+])
+def test_matches_float64_reference(implementation, shape, features):
+  if implementation == 'cpu_kernel' and not cpu_kernels.available():
+    pytest.skip(f'C++ kernels unavailable: {cpu_kernels.error()}')
+  rng = np.random.default_rng(features)
+  x = rng.standard_normal(shape).astype(np.float32)
+  w = rng.standard_normal((shape[-1], features)).astype(np.float32)
+  g = rng.standard_normal((*shape[:-1], features)).astype(np.float32)
+
+  def loss(x, w):
+    return jnp.sum(g * pointwise.pointwise_conv(x, w, implementation=implementation))
+
+  y = jax.jit(lambda x, w: pointwise.pointwise_conv(x, w, implementation=implementation))(x, w)
+  dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+  want_y, want_dx, want_dw = reference(x, w, g)
+  scale = np.sqrt(np.prod(shape[:-1]))  # The filter gradient sums that many products.
+  np.testing.assert_allclose(y, want_y, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dw, want_dw, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_bfloat16_gradients_keep_the_dtype():
+  x = jnp.ones((2, 4, 4, 8), jnp.bfloat16)
+  w = jnp.full((8, 16), 0.5, jnp.bfloat16)
+  dx, dw = jax.grad(lambda x, w: jnp.sum(pointwise.pointwise_conv(x, w).astype(jnp.float32)),
+                    argnums=(0, 1))(x, w)
+  assert dx.dtype == dw.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(dw, np.float32), 32.0)  # 2*4*4 positions of 1.0.
+
+
+def test_auto_is_the_kernel_on_cpu_only():
+  expected = 'cpu_kernel' if cpu_kernels.available() else 'xla'
+  assert pointwise.resolve_implementation('auto', 'cpu') == expected
+  assert pointwise.resolve_implementation('auto', 'gpu') == 'xla'
+  with pytest.raises(ValueError, match='unknown pointwise implementation'):
+    pointwise.resolve_implementation('blas')
