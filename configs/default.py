@@ -2,11 +2,12 @@
 
   python scripts/train.py --config configs/default.py --workdir runs/default
 
-Measured (2-core AMD EPYC, 2026-11-28 09:34 UTC): 91.48% test top-1 (top-5 99.87%) after
-9 epochs (4,212 steps), 7 min 48 s wall including start-up, data preparation check and an
-eval per epoch (1,270-1,650 training img/s); per epoch
-85.3 / 86.8 / 88.5 / 89.7 / 90.4 / 91.0 / 91.1 / 91.4 / 91.5%. (Before the kernels'
-summation order changed in the third performance round: 91.12%, bitwise the same in two runs.)
+Measured (2-core AMD EPYC, 2026-11-28 10:40 UTC): 91.07% test top-1 (top-5 99.89%) after
+9 epochs (4,212 steps), 5 min 52 s wall including start-up, data preparation check and an
+eval per epoch (1,260-2,030 training img/s); per epoch
+84.7 / 88.1 / 89.1 / 88.9 / 89.9 / 90.8 / 90.8 / 91.2 / 91.1%. Each change of the C++
+kernels' summation order moves the result by a few tenths: 91.12% (twice, bitwise the same)
+and 91.48% with earlier kernels of the same day.
 Data: TFDS fashion_mnist, prepared from the Debian package dataset-fashion-mnist
 when there is no network (see README).
 """
