@@ -22,7 +22,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mobilenet import cpu_kernels
 from mobilenet import depthwise
@@ -58,9 +57,8 @@ def _patches_product(inputs, kernel, strides: int, pads):
 
 def _kernel_call(name, out_shape, first, second, strides: int, pads):
   """Calls one compiled kernel on float32 operands."""
-  return jax.ffi.ffi_call(f'mobilenet_conv_{name}', jax.ShapeDtypeStruct(out_shape, jnp.float32))(
-      first, second, sh=np.int64(strides), sw=np.int64(strides), pt=np.int64(pads[0][0]),
-      pl=np.int64(pads[1][0]))
+  return cpu_kernels.call_strided(f'mobilenet_conv_{name}', out_shape, first, second,
+                                  (strides, strides), pads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

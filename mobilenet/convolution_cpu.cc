@@ -245,11 +245,7 @@ void FilterGrad(ffi::ThreadPool& pool, const Geometry& g, const float* x, const 
       for (int64_t k = 0; k < size; ++k) total[k] += image[k];
     }
   });
-  for (int64_t k = 0; k < size; ++k) {
-    double sum = 0.0;
-    for (int64_t t = 0; t < chunks; ++t) sum += totals[t * size + k];
-    dw[k] = static_cast<float>(sum);
-  }
+  mobilenet::SumChunks(totals, chunks, size, dw);
 }
 
 // x: (N, H, W, C); w: (kh, kw, C, O); y: (N, OH, OW, O).

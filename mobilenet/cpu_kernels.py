@@ -21,6 +21,8 @@ import tempfile
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 _HERE = pathlib.Path(__file__).parent
 SOURCES = (_HERE / 'depthwise_cpu.cc', _HERE / 'batch_norm_cpu.cc', _HERE / 'convolution_cpu.cc',
@@ -91,6 +93,16 @@ def error() -> Optional[str]:
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                 platform='cpu')
   return None
+
+
+def call_strided(target: str, out_shape, first, second, strides, pads):
+  """Calls a strided kernel (two float32 operands, attributes sh, sw, pt, pl) -> float32.
+
+  `strides` is (sh, sw); `pads` the explicit ((top, bottom), (left, right)) padding.
+  """
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32))(
+      first, second, sh=np.int64(strides[0]), sw=np.int64(strides[1]),
+      pt=np.int64(pads[0][0]), pl=np.int64(pads[1][0]))
 
 
 def available() -> bool:

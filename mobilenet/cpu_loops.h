@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -50,6 +51,16 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t n, int64_t chunks, const Bo
   for (int64_t task = 1; task < chunks; ++task) pool.Schedule([run_chunks] { run_chunks(); });
   run_chunks();
   while (shared->finished.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+}
+
+// out[k] = the sum over chunks of partial[chunk * size + k], in double and in
+// chunk order (so the result does not depend on which thread ran which chunk).
+inline void SumChunks(const std::vector<double>& partial, int64_t chunks, int64_t size, float* out) {
+  for (int64_t k = 0; k < size; ++k) {
+    double sum = 0.0;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += partial[chunk * size + k];
+    out[k] = static_cast<float>(sum);
+  }
 }
 
 }  // namespace mobilenet

@@ -201,10 +201,8 @@ def depthwise_conv_shifted(inputs, kernel, strides, padding):
 
 def _kernel_call(name, out_shape, first, second, strides, pads):
   """Calls one compiled kernel on float32 operands."""
-  return jax.ffi.ffi_call(f'mobilenet_depthwise_{name}',
-                          jax.ShapeDtypeStruct(out_shape, jnp.float32))(
-                              first, second, sh=np.int64(strides[0]), sw=np.int64(strides[1]),
-                              pt=np.int64(pads[0][0]), pl=np.int64(pads[1][0]))
+  return cpu_kernels.call_strided(f'mobilenet_depthwise_{name}', out_shape, first, second,
+                                  strides, pads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -210,11 +210,7 @@ void FilterGrad3x3(ffi::ThreadPool& pool, const Geometry& g, const float* x, con
       }
     }
   });
-  for (int64_t k = 0; k < taps; ++k) {
-    double sum = 0.0;
-    for (int64_t t = 0; t < chunks; ++t) sum += totals[t * taps + k];
-    df[k] = static_cast<float>(sum);
-  }
+  mobilenet::SumChunks(totals, chunks, taps, df);
 }
 
 // y[n,i,j,c] = sum_{a,b} x[n, i*sh+a-pt, j*sw+b-pl, c] * f[a,b,c]  (zero outside x).
@@ -303,11 +299,7 @@ void FilterGrad(ffi::ThreadPool& pool, const Geometry& g, const float* x, const 
       for (int64_t k = 0; k < taps; ++k) total[k] += image[k];
     }
   });
-  for (int64_t k = 0; k < taps; ++k) {
-    double sum = 0.0;
-    for (int64_t t = 0; t < chunks; ++t) sum += totals[t * taps + k];
-    df[k] = static_cast<float>(sum);
-  }
+  mobilenet::SumChunks(totals, chunks, taps, df);
 }
 
 // x: (N, H, W, C); f: (kh, kw, C); y: (N, OH, OW, C).
