@@ -8,7 +8,7 @@ Expected: not yet measured. Needs TFDS cifar10 (downloads itself with network;
 offline, prepare it elsewhere with `tfds build cifar10` and point
 --config.data_dir at it).
 """
-from mobilenet.config_base import base_config
+from mobilenet.training.config_base import base_config
 
 
 def get_config(width_multiplier=None):

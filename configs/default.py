@@ -11,7 +11,7 @@ and 91.48% with earlier kernels of the same day.
 Data: TFDS fashion_mnist, prepared from the Debian package dataset-fashion-mnist
 when there is no network (see README).
 """
-from mobilenet.config_base import base_config
+from mobilenet.training.config_base import base_config
 
 
 def get_config():

@@ -6,7 +6,7 @@
 The optional argument after ':' is the width multiplier (default 1.0).
 Expected: not yet measured (the Fashion-MNIST benchmark lists a MobileNet at 95.0%).
 """
-from mobilenet.config_base import base_config
+from mobilenet.training.config_base import base_config
 
 
 def get_config(width_multiplier=None):

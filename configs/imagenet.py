@@ -12,7 +12,7 @@ Expected: 70.6% top-1 at 1.0/224 per the paper (Table 6); not yet measured here.
 Cost: roughly 150 epochs; TFDS imagenet2012 needs the manual download in
 <data_dir>/downloads/manual.
 """
-from mobilenet.config_base import base_config
+from mobilenet.training.config_base import base_config
 
 
 def get_config(variant=None):

@@ -7,12 +7,8 @@ One row (or, with --json, one JSON line) per combination of the list flags;
 an empty list flag keeps the config's value. Uses whatever backend JAX sees.
 """
 import json
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from mobilenet import malloc_tuning  # noqa: E402  pylint: disable=g-import-not-at-top
+from mobilenet import malloc_tuning
 
 malloc_tuning.reexec_with_tuned_malloc()  # Before JAX allocates (see its docstring).
 
@@ -20,8 +16,8 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from ml_collections import config_flags
 
-from mobilenet import benchmark
-from mobilenet import config_base
+from mobilenet.bench import benchmark
+from mobilenet.training import config_base
 from mobilenet import errors
 
 config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)

@@ -7,15 +7,14 @@ A dataset that is not prepared in the data dir (and cannot be had, see
 `input_pipeline.ensure_available`) is measured on TFDS mock data of the same
 shapes, which the output says; --nomock_if_missing turns that into an error.
 """
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from absl import app, flags
+from ml_collections import config_flags
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from mobilenet import config_base, errors, input_benchmark, input_pipeline  # noqa: E402
+from mobilenet.training import config_base
+from mobilenet import errors
+from mobilenet.bench import input_benchmark
+from mobilenet.data import input_pipeline
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
 _NUM_BATCHES = flags.DEFINE_integer('num_batches', 200, 'Batches timed per pipeline, after the first.')

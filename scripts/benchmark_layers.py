@@ -9,12 +9,8 @@ prints per-kind totals and shares (a table, or one JSON object with --json;
 --per_layer adds one JSON line per layer).
 """
 import json
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from mobilenet import malloc_tuning  # noqa: E402  pylint: disable=g-import-not-at-top
+from mobilenet import malloc_tuning
 
 malloc_tuning.reexec_with_tuned_malloc()  # Before JAX allocates (see its docstring).
 
@@ -22,10 +18,10 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from ml_collections import config_flags
 
-from mobilenet import benchmark
-from mobilenet import config_base
+from mobilenet.bench import benchmark
+from mobilenet.training import config_base
 from mobilenet import errors
-from mobilenet import layer_timing
+from mobilenet.bench import layer_timing
 
 config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
 flags.mark_flags_as_required(['config'])

@@ -5,15 +5,13 @@
   python scripts/count_params.py --example   # the design notes' 5x5x3 -> 4 example
 """
 import json
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from absl import flags
+from ml_collections import config_flags
 
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from mobilenet import config_base, counting, errors  # noqa: E402
+from mobilenet.training import config_base
+from mobilenet.models import counting
+from mobilenet import errors
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of the table.')

@@ -7,18 +7,15 @@ Prints a Markdown table sorted by parameters; writes results.csv, results.jsonl,
 accuracy_vs_params.png, accuracy_vs_mult_adds.png and TensorBoard scalars
 (step = parameter count) to --output (default: the workdirs' parent folder).
 """
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from mobilenet import malloc_tuning  # noqa: E402  pylint: disable=g-import-not-at-top
+from mobilenet import malloc_tuning
 
 malloc_tuning.reexec_with_tuned_malloc()  # Before JAX allocates (see its docstring).
 
-from absl import flags  # noqa: E402
+from absl import flags
 
-from mobilenet import errors, evaluate  # noqa: E402
+from mobilenet import errors
+from mobilenet.experiments import evaluate
 
 _WORKDIR = flags.DEFINE_multi_string(
     'workdir', None, 'Run folders or globs; repeat the flag or list them after it.')

@@ -5,14 +5,11 @@
 Training does this by itself when fashion_mnist is missing; this script does
 it ahead of time. A second run is a no-op. See mobilenet/fashion_mnist_offline.py.
 """
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from absl import app, flags, logging
 
-from absl import app, flags, logging  # noqa: E402
-
-from mobilenet import errors, fashion_mnist_offline  # noqa: E402
+from mobilenet import errors
+from mobilenet.data import fashion_mnist_offline
 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data dir; default: TFDS_DATA_DIR, else ~/tensorflow_datasets.')
 _SOURCE_DIR = flags.DEFINE_string('source_dir', fashion_mnist_offline.DEBIAN_DIR,

@@ -13,19 +13,16 @@ same command to resume: finished variants are skipped. --dry_run prints one
 scripts/train.py command per variant (for a cluster scheduler) and runs nothing.
 Exits non-zero when a variant failed, after training and evaluating the others.
 """
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from mobilenet import malloc_tuning  # noqa: E402  pylint: disable=g-import-not-at-top
+from mobilenet import malloc_tuning
 
 malloc_tuning.reexec_with_tuned_malloc()  # Before JAX allocates (see its docstring).
 
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import flags
+from ml_collections import config_flags
 
-from mobilenet import errors, sweep  # noqa: E402
+from mobilenet import errors
+from mobilenet.experiments import sweep
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)

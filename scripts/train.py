@@ -8,19 +8,16 @@ Multi-host: pass --distributed on every host (JAX detects Cloud TPU, SLURM and
 Open MPI clusters), or name the coordinator explicitly with
 --coordinator_address, --num_processes and --process_id.
 """
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from mobilenet import malloc_tuning  # noqa: E402  pylint: disable=g-import-not-at-top
+from mobilenet import malloc_tuning
 
 malloc_tuning.reexec_with_tuned_malloc()  # Before JAX allocates (see its docstring).
 
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import flags
+from ml_collections import config_flags
 
-from mobilenet import errors, parallel, train  # noqa: E402
+from mobilenet import errors
+from mobilenet.training import parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobilenet import batch_norm
-from mobilenet import cpu_kernels
+from mobilenet.ops import batch_norm
+from mobilenet.ops.cpu import kernels as cpu_kernels
 
 IMPLEMENTATIONS = ['xla'] + (['cpu_kernel'] if cpu_kernels.available() else [])
 

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobilenet import convolution
-from mobilenet import cpu_kernels
+from mobilenet.ops import convolution
+from mobilenet.ops.cpu import kernels as cpu_kernels
 
 
 @pytest.mark.parametrize('implementation', ['patches', 'cpu_kernel', 'auto'])

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mobilenet import architecture, counting, layers
-from mobilenet.model import MobileNetV1
+from mobilenet.models import architectures as architecture, counting, blocks as layers
+from mobilenet.models.mobilenet import MobileNetV1
 
 
 def imagenet_totals(**kwargs) -> counting.Totals:

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobilenet import cpu_kernels
-from mobilenet import depthwise
+from mobilenet.ops.cpu import kernels as cpu_kernels
+from mobilenet.ops import depthwise
 
 
 def _reference_windows(x, w, strides, padding):

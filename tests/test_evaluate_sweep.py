@@ -16,7 +16,9 @@ import sys
 import pytest
 from matplotlib import image as mpimg
 
-from mobilenet import counting, evaluate, fashion_mnist_offline, sweep
+from mobilenet.models import counting
+from mobilenet.experiments import evaluate, sweep
+from mobilenet.data import fashion_mnist_offline
 from mobilenet.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -210,8 +212,8 @@ def test_runs_without_a_checkpoint_or_config_are_reported_and_others_evaluate(
 
 def test_layer_timing_covers_every_layer_and_shares_sum_to_one():
   from configs import cifar10
-  from mobilenet import architecture
-  from mobilenet import layer_timing
+  from mobilenet.models import architectures as architecture
+  from mobilenet.bench import layer_timing
   config = cifar10.get_config()
   config.batch_size, config.model.resolution, config.model.width_multiplier = 2, 8, 0.25
   rows = list(layer_timing.time_layers(config, warmup=0, steps=1))

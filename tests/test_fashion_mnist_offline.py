@@ -8,7 +8,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mobilenet import config_base, errors, fashion_mnist_offline, input_pipeline
+from mobilenet.training import config_base
+from mobilenet import errors
+from mobilenet.data import fashion_mnist_offline, input_pipeline
 
 pytestmark = pytest.mark.skipif(
     not fashion_mnist_offline.debian_files_available(),

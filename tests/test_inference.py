@@ -4,10 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobilenet import cpu_kernels
-from mobilenet import depthwise
-from mobilenet import inference
-from mobilenet.model import MobileNetV1
+from mobilenet.ops.cpu import kernels as cpu_kernels
+from mobilenet.ops import depthwise
+from mobilenet.models import fused_inference as inference
+from mobilenet.models.mobilenet import MobileNetV1
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason='needs the C++ CPU kernels')
 

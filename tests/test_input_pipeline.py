@@ -9,7 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from mobilenet import config_base, errors, input_benchmark, input_pipeline
+from mobilenet.training import config_base
+from mobilenet import errors
+from mobilenet.bench import input_benchmark
+from mobilenet.data import input_pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_EXAMPLES = 300  # Per split; divides neither the batch nor the eval batch.

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobilenet import layers
-from mobilenet.model import MobileNetV1
+from mobilenet.models import blocks as layers
+from mobilenet.models.mobilenet import MobileNetV1
 
 
 def forward(model, resolution, channels=3, batch=2, train=False):

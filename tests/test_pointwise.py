@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobilenet import cpu_kernels
-from mobilenet import pointwise
+from mobilenet.ops.cpu import kernels as cpu_kernels
+from mobilenet.ops import pointwise
 
 
 def reference(x, w, g):

@@ -15,7 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mobilenet import config_base, evaluate, train
+from mobilenet.training import config_base, train
+from mobilenet.experiments import evaluate
 from mobilenet.errors import EXIT_CODE, UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -284,9 +285,9 @@ def test_sigterm_saves_then_the_same_command_resumes(fashion_mnist_data_dir, tmp
 ONE_VS_EIGHT = r'''
 import functools, json, sys
 import jax, numpy as np
-from mobilenet import config_base, optim, parallel
-from mobilenet.model import create_model
-from mobilenet.train_step import create_train_state, train_step
+from mobilenet.training import config_base, optim, parallel
+from mobilenet.models.mobilenet import create_model
+from mobilenet.training.train_step import create_train_state, train_step
 config = config_base.base_config()
 config.model.width_multiplier = 0.25
 config.model.resolution = 16

@@ -15,7 +15,7 @@ Two implementations of the same function, NHWC `inputs` and a (C, D) kernel;
 import jax
 import jax.numpy as jnp
 
-from mobilenet import cpu_kernels
+from mobilenet.ops.cpu import kernels as cpu_kernels
 
 IMPLEMENTATIONS = ('xla', 'cpu_kernel')
 

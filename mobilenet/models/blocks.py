@@ -10,10 +10,10 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mobilenet import batch_norm
-from mobilenet import convolution
-from mobilenet import depthwise
-from mobilenet import pointwise
+from mobilenet.ops import batch_norm
+from mobilenet.ops import convolution
+from mobilenet.ops import depthwise
+from mobilenet.ops import pointwise
 
 # He initialization: every convolution here is followed by BatchNorm and a ReLU.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')

@@ -23,8 +23,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mobilenet import cpu_kernels
-from mobilenet import depthwise
+from mobilenet.ops.cpu import kernels as cpu_kernels
+from mobilenet.ops import depthwise
 
 IMPLEMENTATIONS = ('xla', 'patches', 'cpu_kernel')
 

@@ -19,10 +19,10 @@ on the C++ kernels. Anything else runs layer by layer.
 """
 import jax.numpy as jnp
 
-from mobilenet import architecture
-from mobilenet import batch_norm
-from mobilenet import convolution
-from mobilenet import depthwise
+from mobilenet.models import architectures as architecture
+from mobilenet.ops import batch_norm
+from mobilenet.ops import convolution
+from mobilenet.ops import depthwise
 
 
 def supported(model) -> bool:

@@ -19,10 +19,11 @@ import sys
 import ml_collections
 from absl import logging
 
-from mobilenet import evaluate, train
+from mobilenet.experiments import evaluate
+from mobilenet.training import train
 from mobilenet.errors import UserError
 
-TRAIN_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / 'scripts' / 'train.py'
+TRAIN_SCRIPT = pathlib.Path(__file__).resolve().parents[2] / 'scripts' / 'train.py'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +110,7 @@ def total_steps(config: ml_collections.ConfigDict) -> int:
   """The number of steps the run trains for; reads the dataset's size only when needed."""
   if config.num_train_steps > 0:
     return config.num_train_steps
-  from mobilenet import input_pipeline  # TensorFlow is imported only for epoch-based runs.
+  from mobilenet.data import input_pipeline  # TensorFlow is imported only for epoch-based runs.
   return train.total_train_steps(config, input_pipeline.steps_per_epoch(config))
 
 

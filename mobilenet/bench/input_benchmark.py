@@ -14,7 +14,7 @@ from typing import Iterator
 
 import tensorflow_datasets as tfds
 
-from mobilenet import input_pipeline
+from mobilenet.data import input_pipeline
 
 
 @dataclasses.dataclass(frozen=True)

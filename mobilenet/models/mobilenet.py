@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mobilenet import architecture
-from mobilenet import batch_norm
-from mobilenet import inference
-from mobilenet.layers import ConvBN, DepthwiseSeparable
+from mobilenet.models import architectures as architecture
+from mobilenet.ops import batch_norm
+from mobilenet.models import fused_inference as inference
+from mobilenet.models.blocks import ConvBN, DepthwiseSeparable
 
 ACTIVATIONS = {'relu': nn.relu, 'relu6': jax.nn.relu6}
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}

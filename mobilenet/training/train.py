@@ -18,10 +18,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mobilenet import checkpointing, config_base, counting, metrics, optim, parallel
+from mobilenet.training import checkpointing, config_base, metrics, optim, parallel
+from mobilenet.models import counting
 from mobilenet.errors import UserError
-from mobilenet.model import create_model
-from mobilenet.train_step import TrainState, create_train_state, eval_step, train_step
+from mobilenet.models.mobilenet import create_model
+from mobilenet.training.train_step import TrainState, create_train_state, eval_step, train_step
 
 CONFIG_FILE = 'config.json'
 # Config sections that decide the shape of the state: a workdir's run cannot change them.
@@ -95,7 +96,7 @@ class _PreemptionFlag:
 def evaluate(state: TrainState, eval_fn, config: ml_collections.ConfigDict,
              sharding) -> dict[str, float]:
   """Loss, top-1 and top-5 over the whole test split, each example exactly once."""
-  from mobilenet import input_pipeline  # TensorFlow is imported with the data, not before.
+  from mobilenet.data import input_pipeline  # TensorFlow is imported with the data, not before.
   totals = None
   for batch in input_pipeline.create_eval_iterator(config):
     sums = eval_fn(state, parallel.global_batch(batch, sharding))
@@ -133,7 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config_base.validate(config)
   parallel.check_batch_size(config.batch_size, 'batch_size')
   parallel.check_batch_size(config.eval_batch_size, 'eval_batch_size')
-  from mobilenet import input_pipeline  # TensorFlow is imported with the data, not before.
+  from mobilenet.data import input_pipeline  # TensorFlow is imported with the data, not before.
   input_pipeline.ensure_available(config)
   info = input_pipeline.get_dataset_info(config)
   if info.num_classes != config.model.num_classes:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from mobilenet import cpu_kernels
+from mobilenet.ops.cpu import kernels as cpu_kernels
 
 Padding = Union[str, Sequence[Tuple[int, int]]]
 

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mobilenet import depthwise
-from mobilenet import model as model_lib
+from mobilenet.ops import depthwise
+from mobilenet.models import mobilenet as model_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +70,8 @@ def _steps(config: ml_collections.ConfigDict):
   The project's own TrainState, optimizer and steps (train_step.py, optim.py),
   so the benchmark times the real training step.
   """
-  from mobilenet import optim  # pylint: disable=g-import-not-at-top
-  from mobilenet import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
+  from mobilenet.training import optim  # pylint: disable=g-import-not-at-top
+  from mobilenet.training import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
   model = model_lib.create_model(config.model)
   schedule = optim.learning_rate_schedule(config, steps_per_epoch=100, total_steps=10_000)
   tx = optim.create_optimizer(config, schedule)

@@ -103,7 +103,7 @@ def _require_choice(config: ml_collections.ConfigDict, field: str, choices) -> N
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every field a run depends on; raises UserError on the first bad one."""
-  from mobilenet import depthwise  # Here, not at the top: keeps the schema import-light.
+  from mobilenet.ops import depthwise  # Here, not at the top: keeps the schema import-light.
   _require_choice(config, 'dataset', DATASETS)
   _require_choice(config, 'model.form', FORMS)
   _require_choice(config, 'model.conv_type', CONV_TYPES)

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mobilenet import architecture
-from mobilenet.architecture import LayerSpec
+from mobilenet.models import architectures as architecture
+from mobilenet.models.architectures import LayerSpec
 
 
 @dataclasses.dataclass(frozen=True)

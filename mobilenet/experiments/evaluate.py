@@ -22,10 +22,11 @@ import jax
 import ml_collections
 from absl import logging
 
-from mobilenet import checkpointing, config_base, counting, optim, parallel, train
+from mobilenet.training import checkpointing, config_base, optim, parallel, train
+from mobilenet.models import counting
 from mobilenet.errors import UserError
-from mobilenet.model import create_model
-from mobilenet.train_step import create_train_state, eval_step
+from mobilenet.models.mobilenet import create_model
+from mobilenet.training.train_step import create_train_state, eval_step
 
 # Orbax names a finished checkpoint by its step; unfinished ones carry a temporary suffix.
 _STEP_FOLDER = re.compile(r'^\d+$')
@@ -152,7 +153,7 @@ def evaluate_run(workdir: str, mesh, data_dir: str | None = None) -> RunResult:
   if latest_checkpoint_step(workdir) is None:  # Checked first: opening Orbax is slow.
     result.status = 'no checkpoint'
     return result
-  from mobilenet import input_pipeline  # TensorFlow is imported with the data, not before.
+  from mobilenet.data import input_pipeline  # TensorFlow is imported with the data, not before.
   input_pipeline.ensure_available(config)
   info = input_pipeline.get_dataset_info(config)
   replicated = parallel.replicated(mesh)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mobilenet import cpu_kernels
+from mobilenet.ops.cpu import kernels as cpu_kernels
 
 
 def _coefficients(mean, inv_std, scale, bias):

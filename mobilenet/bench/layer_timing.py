@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mobilenet import architecture
-from mobilenet import batch_norm
-from mobilenet import benchmark
-from mobilenet import depthwise
-from mobilenet import layers
-from mobilenet import model as model_lib
+from mobilenet.models import architectures as architecture
+from mobilenet.ops import batch_norm
+from mobilenet.bench import benchmark
+from mobilenet.ops import depthwise
+from mobilenet.models import blocks as layers
+from mobilenet.models import mobilenet as model_lib
 
 KINDS = ('depthwise', 'pointwise', 'batch_norm_activation', 'stem', 'classifier')
 

@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mobilenet import fashion_mnist_offline
+from mobilenet.data import fashion_mnist_offline
 from mobilenet.errors import UserError
 
 try:

@@ -1,0 +1,1 @@
+"""Throughput, per-layer timing and input-pipeline benchmarks on synthetic batches."""

@@ -1,0 +1,1 @@
+"""TFDS -> tf.data -> per-host batches; the offline Fashion-MNIST preparation."""

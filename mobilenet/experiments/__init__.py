@@ -1,0 +1,1 @@
+"""Comparing runs: evaluation tables and plots, sweeps."""

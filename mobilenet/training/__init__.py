@@ -1,0 +1,1 @@
+"""Config schema, optimizers, the train state and steps, the loop, checkpoints, metrics, the mesh."""
