@@ -1,7 +1,9 @@
-"""Train/eval images per second, compile time and memory of MobileNetV1 on synthetic batches.
+"""Train/eval images per second, compile time and memory of the MobileNet family on synthetic batches.
 
   python scripts/benchmark.py --config configs/cifar10.py --width_multipliers=0.25,0.5,1.0 \
       --implementations=xla,shifted --json
+  python scripts/benchmark.py --config configs/cifar10.py \
+      --architectures=mobilenet_v1,mobilenet_v2,mobilenet_v3_small
 
 One row (or, with --json, one JSON line) per combination of the list flags;
 an empty list flag keeps the config's value. Uses whatever backend JAX sees.
@@ -24,6 +26,8 @@ config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', l
 flags.mark_flags_as_required(['config'])
 _IMPLEMENTATIONS = flags.DEFINE_list('implementations', [],
                                      'Depthwise implementations, e.g. xla,shifted,auto.')
+_ARCHITECTURES = flags.DEFINE_list('architectures', [],
+                                   'config.model.name values, e.g. mobilenet_v1,mobilenet_v2.')
 _WIDTH_MULTIPLIERS = flags.DEFINE_list('width_multipliers', [], 'Width multipliers (alpha).')
 _BATCH_SIZES = flags.DEFINE_list('batch_sizes', [], 'Batch sizes.')
 _RESOLUTIONS = flags.DEFINE_list('resolutions', [], 'Input sides.')
@@ -39,7 +43,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = flags.FLAGS.config
   grid = list(benchmark.settings_grid(
-      config, width_multipliers=[float(v) for v in _WIDTH_MULTIPLIERS.value],
+      config, architectures=_ARCHITECTURES.value, width_multipliers=[float(v) for v in _WIDTH_MULTIPLIERS.value],
       batch_sizes=[int(v) for v in _BATCH_SIZES.value],
       resolutions=[int(v) for v in _RESOLUTIONS.value], dtypes=_DTYPES.value,
       implementations=_IMPLEMENTATIONS.value))

@@ -1,6 +1,7 @@
-"""Prints the per-layer parameter and mult-add table of a MobileNetV1 variant.
+"""Prints the per-layer parameter and mult-add table of a MobileNet variant.
 
   python scripts/count_params.py --config configs/imagenet.py
+  python scripts/count_params.py --config configs/imagenet.py --config.model.name=mobilenet_v3_small
   python scripts/count_params.py --config configs/cifar10.py --config.model.width_multiplier=0.5 --json
   python scripts/count_params.py --example   # the design notes' 5x5x3 -> 4 example
 """
@@ -37,8 +38,9 @@ def main(argv):
                                   'mult_adds': s.mult_adds} for s in specs]}))
   else:
     model = config.model
-    print(f'MobileNetV1 {model.form} form, alpha {model.width_multiplier}, resolution '
-          f'{model.resolution}, {model.conv_type} convolutions, {model.num_classes} classes\n')
+    conv = '' if model.conv_type == 'separable' else f', {model.conv_type} convolutions'
+    print(f'{model.name}, {model.form} form, alpha {model.width_multiplier}, resolution '
+          f'{model.resolution}{conv}, {model.num_classes} classes\n')
     print(counting.format_table(specs))
 
 

@@ -66,7 +66,8 @@ def _assert_training_matches_flax(implementation, activation, shape, seed):
 
 
 @pytest.mark.parametrize('implementation', IMPLEMENTATIONS)
-@pytest.mark.parametrize('activation', [nn.relu, jax.nn.relu6], ids=['relu', 'relu6'])
+@pytest.mark.parametrize('activation', [nn.relu, jax.nn.relu6, batch_norm.identity],
+                         ids=['relu', 'relu6', 'none'])
 @pytest.mark.parametrize('shape', [(4, 5, 7, 3), (6, 3, 3, 33), (10, 16)])
 def test_training_matches_flax_batch_norm(implementation, activation, shape):
   _assert_training_matches_flax(implementation, activation, shape, seed=sum(shape))

@@ -1,15 +1,16 @@
-"""The analytic counts against the paper, TF-slim, Flax's parameters and XLA's cost analysis."""
+"""The analytic counts against the V1 paper, TF-slim, Flax's parameters and XLA's cost analysis."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
 
-from mobilenet.models import architectures as architecture, counting, blocks as layers
-from mobilenet.models.mobilenet import MobileNetV1
+from mobilenet.models import architectures, counting
+from mobilenet.models.counting import LayerSpec
+from mobilenet.models.mobilenet import MobileNet
 
 
 def imagenet_totals(**kwargs) -> counting.Totals:
-  return counting.totals(architecture.layer_specs(**kwargs))
+  return counting.totals(counting.imagenet_specs(**kwargs))
 
 
 def test_design_notes_example():
@@ -32,16 +33,16 @@ def test_table7_resolution(resolution, mult_adds_millions):
 
 
 def test_table4_conv_mobilenet():
-  specs = architecture.layer_specs(conv_type='standard')
+  specs = counting.imagenet_specs(conv_type='standard')
   body = counting.totals(specs[:-1])  # Table 4's 4866 leaves the classifier out.
   assert abs(body.mult_adds / 1e6 - 4866) < 1
   assert abs(counting.totals(specs).params / 1e6 - 29.3) < 0.1
 
 
 def test_table3_one_layer_at_14x14x512():
-  full = architecture.LayerSpec('full', 'standard', 3, 1, 512, 512, 14, 14)
-  depthwise = architecture.LayerSpec('dw', 'depthwise', 3, 1, 512, 512, 14, 14)
-  pointwise = architecture.LayerSpec('pw', 'pointwise', 1, 1, 512, 512, 14, 14)
+  full = LayerSpec('full', 'standard', 3, 1, 512, 512, 14, 14)
+  depthwise = LayerSpec('dw', 'depthwise', 3, 1, 512, 512, 14, 14)
+  pointwise = LayerSpec('pw', 'pointwise', 1, 1, 512, 512, 14, 14)
   assert round(full.mult_adds / 1e6) == 462 and round(full.weights / 1e6, 2) == 2.36
   assert round((depthwise.mult_adds + pointwise.mult_adds) / 1e6, 1) == 52.3
   assert round((depthwise.weights + pointwise.weights) / 1e6, 2) == 0.27
@@ -50,29 +51,33 @@ def test_table3_one_layer_at_14x14x512():
 @pytest.mark.parametrize('alpha, resolution, weights, mult_adds', [
     (1.0, 224, 3_185_088, 567_716_352), (0.75, 128, 1_800_144, 106_002_432)])
 def test_tf_slim_body_is_exact(alpha, resolution, weights, mult_adds):
-  body = counting.totals(architecture.layer_specs(width_multiplier=alpha,
-                                                  resolution=resolution)[:-1])
+  body = counting.totals(counting.imagenet_specs(width_multiplier=alpha,
+                                                resolution=resolution)[:-1])
   assert (body.weights, body.mult_adds) == (weights, mult_adds)
 
 
 def test_second_to_last_depthwise_keeps_7x7():
-  specs = {spec.name: spec for spec in architecture.layer_specs()}
+  specs = {spec.name: spec for spec in counting.imagenet_specs()}
   assert specs['block_13/depthwise'].in_size == specs['block_13/depthwise'].out_size == 7
 
 
-@pytest.mark.parametrize('kwargs', [
-    dict(width_multiplier=1.0, resolution=224, form='imagenet'),
-    dict(width_multiplier=0.25, resolution=192, form='imagenet', num_classes=10),
-    dict(width_multiplier=0.5, resolution=32, form='cifar', num_classes=100),
-    dict(width_multiplier=0.75, resolution=28, form='cifar', num_classes=10, input_channels=1),
-    dict(width_multiplier=0.5, resolution=32, form='cifar', conv_type='standard'),
+@pytest.mark.parametrize('name, alpha, resolution, form, num_classes, input_channels', [
+    ('mobilenet_v1', 1.0, 224, 'imagenet', 1000, 3),
+    ('mobilenet_v1', 0.25, 192, 'imagenet', 10, 3),
+    ('mobilenet_v1', 0.75, 28, 'cifar', 10, 1),
+    ('mobilenet_v2', 0.35, 32, 'cifar', 100, 3),
+    ('mobilenet_v2', 1.4, 64, 'imagenet', 10, 3),
+    ('mobilenet_v3_large', 1.0, 64, 'imagenet', 10, 3),
+    ('mobilenet_v3_small', 0.75, 28, 'cifar', 10, 1),
+    ('mobilenet_v3_small_minimalistic', 1.25, 32, 'cifar', 10, 3),
 ])
-def test_counts_equal_initialized_flax_parameters(kwargs):
-  input_channels = kwargs.pop('input_channels', 3)
-  specs = architecture.layer_specs(**kwargs, input_channels=input_channels)
-  model = MobileNetV1(**{k: v for k, v in kwargs.items() if k != 'resolution'})
-  shape = (1, kwargs['resolution'], kwargs['resolution'], input_channels)
-  flax_counts = counting.initialized_counts(model, shape)
+def test_counts_equal_initialized_flax_parameters(name, alpha, resolution, form, num_classes,
+                                                  input_channels):
+  plan = architectures.plan(name, width_multiplier=alpha, form=form,
+                            input_channels=input_channels)
+  specs = counting.layer_specs(plan, resolution, num_classes)
+  model = MobileNet(plan=plan, num_classes=num_classes)
+  flax_counts = counting.initialized_counts(model, (1, resolution, resolution, input_channels))
   for spec in specs:
     assert flax_counts['params'][spec.name] == spec.weights + spec.biases, spec.name
   total = counting.totals(specs)
@@ -80,30 +85,36 @@ def test_counts_equal_initialized_flax_parameters(kwargs):
   assert sum(flax_counts['batch_stats'].values()) == total.batch_stats
 
 
-def single_layer(spec: architecture.LayerSpec) -> nn.Module:
-  """The Flax layer a spec describes, alone, with XLA's own convolution.
+def test_conv_mobilenet_counts_equal_initialized_flax_parameters():
+  plan = architectures.plan(width_multiplier=0.5, form='cifar', conv_type='standard')
+  flax_counts = counting.initialized_counts(MobileNet(plan=plan, num_classes=10), (1, 32, 32, 3))
+  assert sum(flax_counts['params'].values()) == counting.totals(
+      counting.layer_specs(plan, 32, 10)).params
+
+
+def single_layer(spec: LayerSpec) -> nn.Module:
+  """The Flax layer a spec describes, alone, as plain nn.Conv / nn.Dense.
 
   'VALID' padding on an input already grown by the 'SAME' padding: XLA's cost
   analysis leaves out some taps that fall on padding, the paper's count does not.
   """
-  if spec.kind == 'depthwise':
-    return layers.DepthwiseConv(spec.kernel_size, spec.stride, padding='VALID',
-                                implementation='xla')
-  if spec.kind == 'pointwise':
-    return layers.PointwiseConv(spec.out_channels)
   if spec.kind == 'dense':
     return nn.Dense(spec.out_channels)
+  groups = spec.in_channels if spec.kind == 'depthwise' else 1
   return nn.Conv(spec.out_channels, (spec.kernel_size,) * 2, spec.stride, padding='VALID',
-                 use_bias=False)
+                 feature_group_count=groups, use_bias=False)
 
 
-@pytest.mark.parametrize('kwargs', [
-    dict(width_multiplier=0.25, resolution=64, form='imagenet', num_classes=10),
-    dict(width_multiplier=0.5, resolution=32, form='cifar', conv_type='standard', num_classes=10),
+@pytest.mark.parametrize('name, kwargs', [
+    ('mobilenet_v1', dict(width_multiplier=0.25, form='imagenet')),
+    ('mobilenet_v1', dict(width_multiplier=0.5, form='cifar', conv_type='standard')),
+    ('mobilenet_v3_small', dict(width_multiplier=0.5, form='imagenet')),
 ])
-def test_counts_equal_xla_cost_analysis(kwargs):
+def test_counts_equal_xla_cost_analysis(name, kwargs):
   """Every layer's mult-adds equal half of XLA's flops for that layer alone."""
-  for spec in architecture.layer_specs(**kwargs):
+  resolution = 64 if kwargs['form'] == 'imagenet' else 32
+  plan = architectures.plan(name, **kwargs)
+  for spec in counting.layer_specs(plan, resolution, 10):
     layer = single_layer(spec)
     padded_size = (spec.out_size - 1) * spec.stride + spec.kernel_size
     shape = ((1, spec.in_channels) if spec.kind == 'dense' else

@@ -115,7 +115,7 @@ def test_dry_run_script_prints_one_command_per_variant_and_runs_nothing(tmp_path
 
 def test_ablation_configs_carry_a_valid_default_grid(tmp_path, capsys):
   expected = {'fashion_mnist_width_sweep': 4, 'fashion_mnist_resolution_sweep': 4,
-              'fashion_mnist_conv_vs_separable': 2}
+              'fashion_mnist_conv_vs_separable': 2, 'fashion_mnist_family': 3}
   for name, count in expected.items():
     module = __import__(f'configs.{name}', fromlist=['get_config'])
     config = module.get_config()
@@ -203,7 +203,7 @@ def test_runs_without_a_checkpoint_or_config_are_reported_and_others_evaluate(
   assert status == {'width_multiplier=0.25': 'ok', 'untrained': 'no checkpoint',
                     'no_config': 'no config.json',
                     'missing': 'no such folder'}
-  assert '| untrained | 0.25 | 16 | separable |' in table and 'no checkpoint |' in table
+  assert '| untrained | mobilenet_v1 | 0.25 | 16 | separable |' in table and 'no checkpoint |' in table
   assert table.splitlines()[-1].startswith('| no_config |')  # No counts: last, by name.
   with open(output / 'results.csv', encoding='utf-8') as f:
     assert len(list(csv.DictReader(f))) == 4
@@ -212,13 +212,12 @@ def test_runs_without_a_checkpoint_or_config_are_reported_and_others_evaluate(
 
 def test_layer_timing_covers_every_layer_and_shares_sum_to_one():
   from configs import cifar10
-  from mobilenet.models import architectures as architecture
   from mobilenet.bench import layer_timing
+  from mobilenet.models import counting
   config = cifar10.get_config()
   config.batch_size, config.model.resolution, config.model.width_multiplier = 2, 8, 0.25
   rows = list(layer_timing.time_layers(config, warmup=0, steps=1))
-  specs = architecture.layer_specs(width_multiplier=0.25, resolution=8, form='cifar',
-                                   num_classes=10)
+  specs = counting.model_layer_specs(config)
   # Every convolution, its BatchNorm, and the classifier, in network order.
   assert [row['layer'] for row in rows][:4] == ['stem/conv', 'stem/conv_bn', 'block_01/depthwise',
                                                  'block_01/depthwise_bn']
@@ -228,3 +227,25 @@ def test_layer_timing_covers_every_layer_and_shares_sum_to_one():
   assert sum(summary[f'{kind}_share'] for kind in layer_timing.KINDS) == pytest.approx(1, abs=0.01)
   assert summary['depthwise_ms'] == pytest.approx(
       sum(row['ms'] for row in rows if row['kind'] == 'depthwise'), abs=0.01)
+
+
+def test_family_comparison_draws_one_series_per_architecture(tmp_path):
+  """A sweep over model.name: rows carry the architecture; each plot has a series per architecture."""
+  results = [evaluate.RunResult(f'runs/{name}_{alpha}', architecture=name, width_multiplier=alpha,
+                                resolution=28, conv_type='separable', params=params,
+                                mult_adds=10 * params, top1=top1, top5=0.99)
+             for name, alpha, params, top1 in (('mobilenet_v2', 1.0, 2_000, 0.9),
+                                               ('mobilenet_v1', 0.5, 800, 0.85),
+                                               ('mobilenet_v1', 1.0, 3_000, 0.88),
+                                               ('mobilenet_v3_small', 1.0, 1_500, 0.87))]
+  series = evaluate.series_by_architecture(results, 'params')
+  assert list(series) == ['mobilenet_v1', 'mobilenet_v2', 'mobilenet_v3_small']
+  assert [r.width_multiplier for r in series['mobilenet_v1']] == [0.5, 1.0]
+  evaluate.plot_accuracy(results, 'params', 'parameters', tmp_path / 'plot.png')
+  assert mpimg.imread(tmp_path / 'plot.png').ndim == 3
+  evaluate.write_records(results, tmp_path)
+  with open(tmp_path / 'results.csv', encoding='utf-8') as f:
+    rows = list(csv.DictReader(f))
+  assert [row['architecture'] for row in rows] == [
+      'mobilenet_v1', 'mobilenet_v3_small', 'mobilenet_v2', 'mobilenet_v1']
+  assert '| mobilenet_v1_0.5 | mobilenet_v1 | 0.5 |' in evaluate.format_table(results)

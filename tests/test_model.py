@@ -1,11 +1,20 @@
-"""MobileNetV1 forward passes, forms, dtypes and the layer modules' shapes."""
+"""The family's forward passes, forms, dtypes, parameter trees and blocks."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobilenet.models import blocks as layers
-from mobilenet.models.mobilenet import MobileNetV1
+from mobilenet.models import architectures, blocks
+from mobilenet.models.mobilenet import MobileNet, create_model
+from mobilenet.ops import op_sets
+from mobilenet.training import config_base
+
+
+def net(name='mobilenet_v1', *, alpha=0.25, form='cifar', num_classes=10, **kwargs):
+  plan_kwargs = {key: kwargs.pop(key) for key in ('activation', 'conv_type') if key in kwargs}
+  plan = architectures.plan(name, width_multiplier=alpha, form=form, **plan_kwargs)
+  return MobileNet(plan=plan, num_classes=num_classes, **kwargs)
 
 
 def forward(model, resolution, channels=3, batch=2, train=False):
@@ -19,41 +28,74 @@ def forward(model, resolution, channels=3, batch=2, train=False):
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize('alpha', [1.0, 0.75, 0.5, 0.25])
+@pytest.mark.parametrize('alpha', [1.0, 0.25])
 @pytest.mark.parametrize('form, resolution', [('imagenet', 224), ('cifar', 32)])
-def test_forward_every_alpha(form, resolution, alpha, dtype):
-  model = MobileNetV1(num_classes=10, width_multiplier=alpha, form=form, dtype=dtype)
-  logits = forward(model, resolution, batch=1)
+def test_v1_forward_every_form_alpha_and_dtype(form, resolution, alpha, dtype):
+  logits = forward(net(alpha=alpha, form=form, dtype=dtype), resolution, batch=1)
   assert logits.shape == (1, 10) and logits.dtype == jnp.float32
   assert np.all(np.isfinite(logits))
 
 
+@pytest.mark.parametrize('name', architectures.NAMES[1:])
+@pytest.mark.parametrize('form, resolution', [('imagenet', 64), ('cifar', 28)])
+def test_v2_v3_forward_and_train_mode(name, form, resolution):
+  model = net(name, alpha=0.5, form=form, dropout_rate=0.2, dtype=jnp.bfloat16)
+  for train in (False, True):
+    logits = forward(model, resolution, channels=1, train=train)
+    assert logits.shape == (2, 10) and logits.dtype == jnp.float32
+    assert np.all(np.isfinite(logits))
+
+
 @pytest.mark.parametrize('resolution', [160, 28, 33])
 def test_any_resolution(resolution):
-  model = MobileNetV1(num_classes=7, width_multiplier=0.25, form='cifar' if resolution < 64 else 'imagenet')
+  model = net(num_classes=7, form='cifar' if resolution < 64 else 'imagenet')
   assert forward(model, resolution, channels=1).shape == (2, 7)
 
 
 def test_train_mode_updates_batch_stats_and_dropout_is_used():
-  model = MobileNetV1(num_classes=3, width_multiplier=0.25, form='cifar', dropout_rate=0.5)
+  model = net(num_classes=3, dropout_rate=0.5)
   images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
   variables = jax.jit(model.init)(jax.random.key(0), images)
-  _, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'],
-                                                rngs={'dropout': jax.random.key(2)}))(variables, images)
+  apply = jax.jit(lambda v, x, key: model.apply(v, x, train=True, mutable=['batch_stats'],
+                                                rngs={'dropout': key}))
+  first, updates = apply(variables, images, jax.random.key(2))
+  second, _ = apply(variables, images, jax.random.key(3))
   before = jax.tree.leaves(variables['batch_stats'])
   after = jax.tree.leaves(updates['batch_stats'])
   assert any(not np.allclose(a, b) for a, b in zip(before, after))
+  assert not np.allclose(first, second)  # Different dropout masks.
+
+
+def test_v1_parameter_tree_is_unchanged():
+  """Run folders of MobileNetV1 from before the family keep resuming: same names and shapes."""
+  variables = jax.eval_shape(net(alpha=1.0).init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  params = variables['params']
+  assert list(params)[:3] == ['stem', 'block_01', 'block_02'] and list(params)[-1] == 'head'
+  assert set(params['stem']) == {'conv', 'bn'} and params['stem']['conv']['kernel'].shape == (3, 3, 3, 32)
+  assert set(params['block_01']) == {'depthwise', 'depthwise_bn', 'pointwise', 'pointwise_bn'}
+  assert params['block_13']['depthwise']['kernel'].shape == (3, 3, 1, 1024)
+  assert params['block_13']['pointwise']['kernel'].shape == (1, 1, 1024, 1024)
+  assert set(variables['batch_stats']['block_13']['pointwise_bn']) == {'mean', 'var'}
 
 
 def test_standard_conv_variant_has_no_depthwise_layers():
-  model = MobileNetV1(num_classes=10, width_multiplier=0.25, form='cifar', conv_type='standard')
+  model = net(conv_type='standard')
   variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   assert 'depthwise' not in variables['params']['block_01']
   assert variables['params']['block_01']['conv']['kernel'].shape == (3, 3, 8, 16)
 
 
+def test_v3_blocks_hold_se_expansion_and_pre_logits():
+  variables = jax.eval_shape(net('mobilenet_v3_small', alpha=1.0).init, jax.random.key(0),
+                             jnp.zeros((1, 32, 32, 3)))['params']
+  assert set(variables['block_01']) == {'depthwise', 'depthwise_bn', 'se', 'project', 'project_bn'}
+  assert variables['block_04']['depthwise']['kernel'].shape == (5, 5, 1, 96)
+  assert variables['block_04']['se']['squeeze']['kernel'].shape == (96, 24)
+  assert variables['pre_logits']['kernel'].shape == (576, 1024)
+
+
 def test_relu6_clips_activations():
-  model = MobileNetV1(num_classes=10, width_multiplier=0.25, form='cifar', activation='relu6')
+  model = net(activation='relu6')
   images = 100 * jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   variables = model.init(jax.random.key(0), images)
   _, state = model.apply(variables, images, capture_intermediates=True)
@@ -61,38 +103,46 @@ def test_relu6_clips_activations():
   assert float(stem.max()) <= 6.0 and float(stem.max()) > 0
 
 
-@pytest.mark.parametrize('strides, multiplier, size', [(1, 1, 8), (2, 1, 9), (2, 2, 8)])
-def test_depthwise_conv_is_grouped_conv(strides, multiplier, size):
-  """Output channel c*m + j is filter j of input channel c, with no cross-channel mixing."""
-  layer = layers.DepthwiseConv(3, strides, channel_multiplier=multiplier, implementation='xla')
-  inputs = jax.random.normal(jax.random.key(0), (2, size, size, 4))
-  variables = layer.init(jax.random.key(1), inputs)
-  kernel = variables['params']['kernel']
-  assert kernel.shape == (3, 3, 1, 4 * multiplier)
-  outputs = layer.apply(variables, inputs)
-  assert outputs.shape == (2, -(-size // strides), -(-size // strides), 4 * multiplier)
-  # Channel 1 alone, through a plain single-channel convolution.
-  single = jax.lax.conv_general_dilated(
-      inputs[..., 1:2], kernel[..., multiplier:multiplier + 1], (strides, strides), 'SAME',
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  np.testing.assert_allclose(outputs[..., multiplier:multiplier + 1], single, rtol=1e-5, atol=1e-5)
+def test_inverted_residual_adds_its_input_only_when_shapes_match():
+  ops = op_sets.op_set('plain', train=False)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+  block = blocks.InvertedResidual(16, 3, 1, 'relu6', ops.conv, ops.norm, expanded_features=32,
+                                  residual=True)
+  variables = block.init(jax.random.key(1), x)
+  without = block.clone(residual=False)
+  np.testing.assert_allclose(block.apply(variables, x), without.apply(variables, x) + x, rtol=1e-6)
 
 
-def test_pointwise_conv_is_1x1_conv():
-  layer = layers.PointwiseConv(6)
-  inputs = jax.random.normal(jax.random.key(0), (2, 5, 5, 3))
-  variables = layer.init(jax.random.key(1), inputs)
-  kernel = variables['params']['kernel']
-  assert kernel.shape == (1, 1, 3, 6)
-  expected = jax.lax.conv_general_dilated(inputs, kernel, (1, 1), 'SAME',
-                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  np.testing.assert_allclose(layer.apply(variables, inputs), expected, rtol=1e-5, atol=1e-5)
+def test_squeeze_excite_scales_each_channel_by_a_gate_in_0_1():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 5, 16)) + 2.0
+  se = blocks.SqueezeExcite(8)
+  variables = se.init(jax.random.key(1), x)
+  gate = se.apply(variables, x) / x
+  assert np.all((gate >= 0) & (gate <= 1))
+  np.testing.assert_allclose(gate, gate[:, :1, :1, :] * jnp.ones_like(gate), rtol=1e-5)
 
 
-def test_separable_block_parameter_names_match_tf_slim_layout():
-  block = layers.DepthwiseSeparable(4, strides=2)
+def test_depthwise_block_is_a_grouped_conv_per_channel():
+  """The depthwise layer: feature_group_count = C, so channel c sees only input channel c."""
+  ops = op_sets.op_set('plain', train=False)
+  block = blocks.DepthwiseSeparable(4, 3, 2, 'relu', ops.conv, ops.norm)
   variables = block.init(jax.random.key(0), jnp.zeros((1, 5, 5, 3)))
   params = variables['params']
   assert params['depthwise']['kernel'].shape == (3, 3, 1, 3)  # 27 weights
   assert params['pointwise']['kernel'].shape == (1, 1, 3, 4)  # 12 weights
-  assert set(params) == {'depthwise', 'depthwise_bn', 'pointwise', 'pointwise_bn'}
+  depthwise = nn.Conv(3, (3, 3), 2, feature_group_count=3, use_bias=False)
+  x = jax.random.normal(jax.random.key(1), (2, 9, 9, 3))
+  y = depthwise.apply({'params': params['depthwise']}, x)
+  single = jax.lax.conv_general_dilated(x[..., 1:2], params['depthwise']['kernel'][..., 1:2],
+                                        (2, 2), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(y[..., 1:2], single, rtol=1e-5, atol=1e-5)
+
+
+def test_create_model_reads_the_config():
+  config = config_base.base_config()
+  config.model.name = 'mobilenet_v3_large'
+  config.model.width_multiplier = 0.75
+  model = create_model(config.model)
+  assert model.plan == architectures.plan('mobilenet_v3_large', width_multiplier=0.75,
+                                          form='cifar')
+  assert model.ops == 'fast'

@@ -156,18 +156,23 @@ def test_workdir_problems_leave_existing_runs_untouched(fashion_mnist_data_dir, 
 
 
 def test_runs_recorded_before_a_field_existed_resume_and_evaluate(tmp_path):
-  """A config.json without a newer implementation field neither blocks a resume nor evaluation."""
+  """A config.json from before model.name, model.ops or fused_inference blocks neither resume nor eval."""
   config = tiny_config(str(tmp_path / 'data'))
   recorded = config.to_dict()
-  del recorded['model']['fused_inference']
+  for field in ('fused_inference', 'name', 'ops'):  # MobileNetV1-only runs had none of these.
+    del recorded['model'][field]
   recorded['model']['depthwise_implementation'] = 'shifted'
   (tmp_path / train.CONFIG_FILE).write_text(json.dumps(recorded))
   train.prepare_workdir(str(tmp_path), config)  # Same architecture: the resume goes ahead.
   loaded = evaluate.load_run_config(tmp_path)
   assert loaded.model.fused_inference is True and loaded.model.width_multiplier == 0.25
-  config.model.width_multiplier = 0.5
-  with pytest.raises(UserError, match='different config.model'):
-    train.prepare_workdir(str(tmp_path), config)
+  assert loaded.model.name == 'mobilenet_v1' and loaded.model.ops == 'fast'
+  config.model.ops = 'plain'  # How the same function is computed: accepted.
+  train.prepare_workdir(str(tmp_path), config)
+  for field, value in (('width_multiplier', 0.5), ('name', 'mobilenet_v2')):
+    changed = tiny_config(str(tmp_path / 'data'), **{f'model.{field}': value})
+    with pytest.raises(UserError, match='different config.model'):
+      train.prepare_workdir(str(tmp_path), changed)
 
 
 def run_cli(args, env=None, timeout=300):

@@ -1,6 +1,6 @@
-"""Training- and eval-step throughput of MobileNetV1 on synthetic batches.
+"""Training- and eval-step throughput of the MobileNet family on synthetic batches.
 
-For each setting (width multiplier, batch, resolution, dtype, depthwise
+For each setting (architecture, width multiplier, batch, resolution, dtype, depthwise
 implementation) this builds the configured model, compiles the training step
 and the eval step, runs a few warm-up steps, and reports the median
 images/second over the timed steps, the compile times and the memory XLA
@@ -21,12 +21,14 @@ import ml_collections
 import numpy as np
 
 from mobilenet.ops import depthwise
+from mobilenet.models import fused_inference
 from mobilenet.models import mobilenet as model_lib
 
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
   """One row of the benchmark table."""
+  architecture: str
   width_multiplier: float
   batch_size: int
   resolution: int
@@ -36,6 +38,7 @@ class Setting:
   def apply(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy of `config` with this setting's fields."""
     config = ml_collections.ConfigDict(config.to_dict())
+    config.model.name = self.architecture
     config.model.width_multiplier = self.width_multiplier
     config.batch_size = self.batch_size
     config.model.resolution = self.resolution
@@ -44,12 +47,13 @@ class Setting:
     return config
 
 
-def settings_grid(config: ml_collections.ConfigDict, *, width_multipliers=(), batch_sizes=(),
-                  resolutions=(), dtypes=(), implementations=()) -> Iterator[Setting]:
+def settings_grid(config: ml_collections.ConfigDict, *, architectures=(), width_multipliers=(),
+                  batch_sizes=(), resolutions=(), dtypes=(),
+                  implementations=()) -> Iterator[Setting]:
   """The cross product of the given values; an empty list means the config's value."""
   model = config.model
   yield from itertools.starmap(Setting, itertools.product(
-      width_multipliers or [model.width_multiplier], batch_sizes or [config.batch_size],
+      architectures or [model.name], width_multipliers or [model.width_multiplier], batch_sizes or [config.batch_size],
       resolutions or [model.resolution], dtypes or [model.dtype],
       implementations or [model.depthwise_implementation]))
 
@@ -79,7 +83,8 @@ def _steps(config: ml_collections.ConfigDict):
   state = train_step_lib.create_train_state(model, tx, config, image_shape)
   train_step = functools.partial(train_step_lib.train_step, model=model, tx=tx,
                                  schedule=schedule, config=config)
-  eval_step = functools.partial(train_step_lib.eval_step, model=model, config=config,
+  apply_fn, _ = fused_inference.eval_apply(model, config.model.fused_inference)
+  eval_step = functools.partial(train_step_lib.eval_step, apply_fn=apply_fn, config=config,
                                 use_ema=False)
   return state, train_step, eval_step
 
@@ -135,6 +140,7 @@ def benchmark_setting(config: ml_collections.ConfigDict, setting: Setting, *, wa
   return {
       'backend': jax.default_backend(),
       'device': jax.devices()[0].device_kind,
+      'architecture': setting.architecture,
       'width_multiplier': setting.width_multiplier,
       'batch_size': setting.batch_size,
       'resolution': setting.resolution,
@@ -155,7 +161,7 @@ def benchmark_setting(config: ml_collections.ConfigDict, setting: Setting, *, wa
   }
 
 
-COLUMNS = ('width_multiplier', 'batch_size', 'resolution', 'dtype', 'resolved_implementation',
+COLUMNS = ('architecture', 'width_multiplier', 'batch_size', 'resolution', 'dtype', 'resolved_implementation',
            'train_img_s', 'eval_img_s', 'train_compile_s', 'eval_compile_s', 'train_planned_mb',
            'device_peak_mb')
 

@@ -1,12 +1,13 @@
-"""Where a MobileNetV1 training step spends its time, by kind of layer.
+"""Where a training step spends its time, by kind of layer.
 
-Each weight-holding layer of the configured variant (architecture.layer_specs)
+Each weight-holding layer of the configured variant (counting.layer_specs)
 is compiled on its own at the shape it sees inside the network, as forward +
 backward (gradients with respect to its input and its parameters, the work it
-does in a training step), and timed on random inputs: the depthwise and
-pointwise convolutions with the project's own modules (and the configured
-depthwise implementation), the BatchNorm + activation after each of them in
-training mode, the stem and the classifier. Summing per kind gives each kind's
+does in a training step), and timed on random inputs: the convolutions with
+the configured op set's modules (ops/op_sets.py, and the configured depthwise
+implementation), the BatchNorm + activation after each of them in training
+mode (timed with MobileNetV1's configured activation for every layer), the
+stem, and the dense layers (classifier, pre-logits, squeeze-and-excitation). Summing per kind gives each kind's
 share of the layers' time, beside the measured time of the whole training step
 (benchmark.py), which also holds the loss, the optimizer update and whatever
 XLA fuses across layers. Works on any backend; no dataset needed.
@@ -20,37 +21,35 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mobilenet.models import architectures as architecture
-from mobilenet.ops import batch_norm
 from mobilenet.bench import benchmark
-from mobilenet.ops import depthwise
-from mobilenet.models import blocks as layers
+from mobilenet.models import blocks, counting
 from mobilenet.models import mobilenet as model_lib
+from mobilenet.ops import depthwise, op_sets
 
-KINDS = ('depthwise', 'pointwise', 'batch_norm_activation', 'stem', 'classifier')
+KINDS = ('depthwise', 'pointwise', 'batch_norm_activation', 'stem', 'dense')
 
 
-def _module_for(spec: architecture.LayerSpec, config: ml_collections.ConfigDict) -> nn.Module:
+def _ops(config: ml_collections.ConfigDict) -> op_sets.OpSet:
+  """The configured op set in training mode."""
+  model = config.model
+  return op_sets.op_set(model.ops, train=True, dtype=model_lib.DTYPES[model.dtype],
+                        batch_norm_momentum=model.batch_norm_momentum,
+                        batch_norm_epsilon=model.batch_norm_epsilon,
+                        depthwise_implementation=model.depthwise_implementation)
+
+
+def _module_for(spec: counting.LayerSpec, config: ml_collections.ConfigDict) -> nn.Module:
   """The Flax module that computes `spec`'s layer, without its BatchNorm."""
-  dtype = model_lib.DTYPES[config.model.dtype]
-  if spec.kind == 'depthwise':
-    return layers.DepthwiseConv(spec.kernel_size, spec.stride,
-                                implementation=config.model.depthwise_implementation, dtype=dtype)
-  if spec.kind == 'pointwise':
-    return layers.PointwiseConv(spec.out_channels, dtype=dtype)
-  if spec.kind == 'standard':
-    return nn.Conv(spec.out_channels, (spec.kernel_size,) * 2, spec.stride, padding='SAME',
-                   use_bias=False, dtype=dtype)
-  return nn.Dense(spec.out_channels, dtype=dtype)
+  if spec.kind == 'dense':
+    return nn.Dense(spec.out_channels, dtype=model_lib.DTYPES[config.model.dtype])
+  groups = spec.in_channels if spec.kind == 'depthwise' else 1
+  return _ops(config).conv(spec.out_channels, (spec.kernel_size,) * 2, spec.stride,
+                           feature_group_count=groups)
 
 
 def _norm_activation(config: ml_collections.ConfigDict) -> nn.Module:
-  """The model's BatchNorm + activation in training mode (batch statistics)."""
-  model = config.model
-  return batch_norm.BatchNormActivation(
-      use_running_average=False, momentum=model.batch_norm_momentum,
-      epsilon=model.batch_norm_epsilon, activation=model_lib.ACTIVATIONS[model.activation],
-      dtype=model_lib.DTYPES[model.dtype])
+  """BatchNorm + activation in training mode (batch statistics)."""
+  return _ops(config).norm(activation=blocks.ACTIVATIONS[config.model.activation])
 
 
 def _forward_backward(module: nn.Module, input_shape, dtype, seed: int) -> Callable[[], Any]:
@@ -83,16 +82,13 @@ def time_layers(config: ml_collections.ConfigDict, *, warmup: int = 2,
   of one shape) are compiled and timed once; compiling dominates on a GPU.
   """
   model = config.model
-  specs = architecture.layer_specs(
-      width_multiplier=model.width_multiplier, resolution=model.resolution, form=model.form,
-      conv_type=model.conv_type, num_classes=model.num_classes, min_channels=model.min_channels,
-      input_channels=config.input.channels)
+  specs = counting.model_layer_specs(config)
   dtype = model_lib.DTYPES[model.dtype]
   batch = config.batch_size
   measured = {}
   for index, spec in enumerate(specs):
     if spec.kind == 'dense':
-      jobs = [('classifier', spec.name, _module_for(spec, config), (batch, spec.in_channels))]
+      jobs = [('dense', spec.name, _module_for(spec, config), (batch, spec.in_channels))]
     else:
       in_shape = (batch, spec.in_size, spec.in_size, spec.in_channels)
       out_shape = (batch, spec.out_size, spec.out_size, spec.out_channels)
@@ -118,6 +114,7 @@ def summarize(rows: List[Dict[str, Any]], config: ml_collections.ConfigDict,
   return {
       'backend': jax.default_backend(),
       'device': jax.devices()[0].device_kind,
+      'architecture': config.model.name,
       'width_multiplier': config.model.width_multiplier,
       'resolution': config.model.resolution,
       'batch_size': config.batch_size,
@@ -133,7 +130,7 @@ def summarize(rows: List[Dict[str, Any]], config: ml_collections.ConfigDict,
 
 def format_summary(summary: Dict[str, Any]) -> str:
   """A Markdown table: one row per kind of layer, with ms and share of the layers' time."""
-  lines = [f"{summary['device']} ({summary['backend']}), alpha {summary['width_multiplier']}, "
+  lines = [f"{summary['device']} ({summary['backend']}), {summary['architecture']} alpha {summary['width_multiplier']}, "
            f"{summary['resolution']}x{summary['resolution']}, batch {summary['batch_size']}, "
            f"{summary['dtype']}, depthwise {summary['depthwise_implementation']}: whole training "
            f"step {summary['train_step_ms']} ms, layers alone (forward + backward) "

@@ -25,6 +25,7 @@ from absl import logging
 from mobilenet.training import checkpointing, config_base, optim, parallel, train
 from mobilenet.models import counting
 from mobilenet.errors import UserError
+from mobilenet.models import fused_inference
 from mobilenet.models.mobilenet import create_model
 from mobilenet.training.train_step import create_train_state, eval_step
 
@@ -37,6 +38,7 @@ class RunResult:
   """One row of the comparison: what the run is, how big, how accurate."""
   workdir: str
   status: str = 'ok'  # 'ok', or why the run has no accuracy.
+  architecture: str | None = None
   width_multiplier: float | None = None
   resolution: int | None = None
   conv_type: str | None = None
@@ -90,17 +92,7 @@ def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict | 
   path = pathlib.Path(workdir) / train.CONFIG_FILE
   if not path.is_file():
     return None
-  config = config_base.base_config().to_dict()
-  _update_nested(config, json.loads(path.read_text()))
-  return ml_collections.ConfigDict(config)
-
-
-def _update_nested(target: dict, source: dict) -> None:
-  for key, value in source.items():
-    if isinstance(value, dict) and isinstance(target.get(key), dict):
-      _update_nested(target[key], value)
-    else:
-      target[key] = value
+  return ml_collections.ConfigDict(config_base.with_defaults(json.loads(path.read_text())))
 
 
 def latest_checkpoint_step(workdir: str | pathlib.Path) -> int | None:
@@ -130,6 +122,7 @@ def abstract_train_state(config: ml_collections.ConfigDict, image_shape: tuple[i
 
 def _describe(result: RunResult, config: ml_collections.ConfigDict) -> None:
   """Fills in what the config alone tells: the variant and its counts."""
+  result.architecture = config.model.name
   result.width_multiplier = float(config.model.width_multiplier)
   result.resolution = int(config.model.resolution)
   result.conv_type = config.model.conv_type
@@ -165,7 +158,9 @@ def evaluate_run(workdir: str, mesh, data_dir: str | None = None) -> RunResult:
     result.status = 'no checkpoint'
     return result
   result.step, result.ema = int(state.step), config.ema_decay > 0
-  eval_fn = jax.jit(functools.partial(eval_step, model=model, config=config, use_ema=result.ema),
+  apply_fn, _ = fused_inference.eval_apply(model, config.model.fused_inference)
+  eval_fn = jax.jit(functools.partial(eval_step, apply_fn=apply_fn, config=config,
+                                      use_ema=result.ema),
                     in_shardings=(replicated, parallel.batch_sharding(mesh)),
                     out_shardings=replicated)
   scores = train.evaluate(state, eval_fn, config, parallel.batch_sharding(mesh))
@@ -189,12 +184,12 @@ def _number(value: int | None) -> str:
 
 def format_table(results: list[RunResult]) -> str:
   """A Markdown table of the runs, sorted by parameters."""
-  lines = ['| run | alpha | resolution | conv | params | mult-adds | step | top-1 % | top-5 % '
-           '| status |',
-           '|---|---:|---:|---|---:|---:|---:|---:|---:|---|']
+  lines = ['| run | architecture | alpha | resolution | conv | params | mult-adds | step '
+           '| top-1 % | top-5 % | status |',
+           '|---|---|---:|---:|---|---:|---:|---:|---:|---:|---|']
   for r in sorted(results, key=_sort_key):
     lines.append(
-        f'| {os.path.basename(os.path.normpath(r.workdir))} '
+        f'| {os.path.basename(os.path.normpath(r.workdir))} | {r.architecture or ""} '
         f'| {"" if r.width_multiplier is None else r.width_multiplier} '
         f'| {"" if r.resolution is None else r.resolution} | {r.conv_type or ""} '
         f'| {_number(r.params)} | {_number(r.mult_adds)} | {_number(r.step)} '
@@ -229,19 +224,36 @@ def point_labels(results: list[RunResult]) -> list[str]:
   return labels
 
 
+def series_by_architecture(results: list[RunResult], x_field: str) -> dict[str, list[RunResult]]:
+  """The runs grouped by architecture (sorted by name), each group in order of `x_field`."""
+  names = sorted({r.architecture or 'unknown' for r in results})
+  return {name: sorted((r for r in results if (r.architecture or 'unknown') == name),
+                       key=lambda r: getattr(r, x_field)) for name in names}
+
+
 def plot_accuracy(results: list[RunResult], x_field: str, x_label: str,
                   path: pathlib.Path) -> None:
-  """Top-1 against `x_field` on a log axis, one labelled point per run (Figures 4-5)."""
+  """Top-1 against `x_field` on a log axis, one labelled point per run (V1's Figures 4-5).
+
+  One series (colour and line, in order of the x values) per architecture, as
+  in the figures the V2 and V3 papers open with.
+  """
   import matplotlib  # pylint: disable=import-outside-toplevel
   import matplotlib.ticker  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')  # Files only: no display on servers.
   from matplotlib import pyplot  # pylint: disable=import-outside-toplevel
   figure, axes = pyplot.subplots(figsize=(6, 4.5))
-  xs = [getattr(r, x_field) for r in results]
-  ys = [100 * r.top1 for r in results]
-  axes.scatter(xs, ys)
-  for x, y, label in zip(xs, ys, point_labels(results)):
-    axes.annotate(label, (x, y), textcoords='offset points', xytext=(4, 4), fontsize=8)
+  labels = dict(zip(map(id, results), point_labels(results)))
+  all_series = series_by_architecture(results, x_field)
+  for architecture, series in all_series.items():
+    xs = [getattr(r, x_field) for r in series]
+    ys = [100 * r.top1 for r in series]
+    axes.plot(xs, ys, marker='o', linestyle='-' if len(series) > 1 else 'none',
+              label=architecture)
+    for x, y, r in zip(xs, ys, series):
+      axes.annotate(labels[id(r)], (x, y), textcoords='offset points', xytext=(4, 4), fontsize=8)
+  if len(all_series) > 1:
+    axes.legend(fontsize=8, loc='lower right')
   axes.set_xscale('log')
   # A span under a decade gets a label on every minor tick, and they overlap.
   axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())

@@ -1,10 +1,15 @@
 """Exact parameter and mult-add counts for every layer of every variant.
 
-The analytic counts come from the layer table (architecture.py): D_K*D_K*M*N
-weights and D_K*D_K*M*N*D_F^2 mult-adds for a standard convolution,
-D_K*D_K*M + M*N weights and (D_K*D_K*M + M*N)*D_F^2 mult-adds for a
-depthwise-separable one. Tests check them against the parameters Flax
-initializes and against XLA's cost analysis of the compiled forward pass.
+The counts come from the same plan the Flax builder reads
+(models/architectures.py): D_K*D_K*M*N weights and D_K*D_K*M*N*D_F^2
+mult-adds for a standard convolution, D_K*D_K*M + M*N weights and
+(D_K*D_K*M + M*N)*D_F^2 mult-adds for a depthwise-separable one, M*N for a
+dense layer (the squeeze-and-excitation and pre-logits layers run on 1x1
+maps). As in the papers, mult-adds count the multiplications of convolutions
+and dense layers; BatchNorm, activations, the SE scaling, residual additions
+and pooling are not counted. Tests check the counts against the parameters
+Flax initializes, XLA's cost analysis of each layer, keras.applications'
+parameter counts and the papers' tables.
 """
 import dataclasses
 import math
@@ -14,8 +19,56 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mobilenet.models import architectures as architecture
-from mobilenet.models.architectures import LayerSpec
+from mobilenet.models import architectures
+from mobilenet.models.architectures import Plan, same_output_size
+from mobilenet.models.mobilenet import model_plan
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+  """One layer that holds weights: a convolution or a dense layer."""
+  name: str  # Parameter path in the Flax model, e.g. 'block_03/depthwise'.
+  kind: str  # 'standard', 'depthwise', 'pointwise' or 'dense'.
+  kernel_size: int
+  stride: int
+  in_channels: int
+  out_channels: int
+  in_size: int  # Input side (square feature maps); 1 for dense layers.
+  out_size: int
+  bias: bool = False  # Dense layers have a bias; convolutions are followed by BatchNorm ...
+  batch_norm: bool = True  # ... which dense layers are not.
+
+  @property
+  def kernel_shape(self) -> tuple[int, ...]:
+    """Shape of the Flax kernel: HWIO for convolutions, (in, out) for dense."""
+    if self.kind == 'dense':
+      return (self.in_channels, self.out_channels)
+    in_per_group = 1 if self.kind == 'depthwise' else self.in_channels
+    return (self.kernel_size, self.kernel_size, in_per_group, self.out_channels)
+
+  @property
+  def weights(self) -> int:
+    """Kernel entries: D_K * D_K * M * N standard, D_K * D_K * M depthwise, M * N pointwise."""
+    return math.prod(self.kernel_shape)
+
+  @property
+  def biases(self) -> int:
+    return self.out_channels if self.bias else 0
+
+  @property
+  def batch_norm_channels(self) -> int:
+    """Channels of the BatchNorm after this layer (0 when there is none)."""
+    return self.out_channels if self.batch_norm else 0
+
+  @property
+  def params(self) -> int:
+    """Trainable parameters: weights, biases and the BatchNorm scale and offset."""
+    return self.weights + self.biases + 2 * self.batch_norm_channels
+
+  @property
+  def mult_adds(self) -> int:
+    """Multiply-adds of one forward pass on one example: weights * D_F * D_F."""
+    return self.weights * self.out_size * self.out_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,20 +76,64 @@ class Totals:
   """Whole-network counts."""
   params: int  # Trainable: weights, biases, BatchNorm scale and offset.
   batch_stats: int  # BatchNorm running mean and variance (not trained).
-  weights: int  # Convolution and classifier kernels only: the paper's "parameters".
+  weights: int  # Convolution and dense kernels only.
   mult_adds: int  # Per example, forward pass.
 
   def as_dict(self) -> dict[str, int]:
     return dataclasses.asdict(self)
 
 
+def _dense(name: str, in_channels: int, out_channels: int) -> LayerSpec:
+  return LayerSpec(name, 'dense', 1, 1, in_channels, out_channels, 1, 1, bias=True,
+                   batch_norm=False)
+
+
+def layer_specs(plan: Plan, resolution: int, num_classes: int) -> list[LayerSpec]:
+  """Every weight-holding layer of a plan at an input resolution, in order."""
+  specs, size = [], resolution
+  for stage in plan.stages:
+    out_size = same_output_size(size, stage.stride)
+    name, k = stage.name, stage.kernel_size
+    if stage.kind == 'conv':
+      kind = 'pointwise' if k == 1 and stage.stride == 1 else 'standard'
+      specs.append(LayerSpec(f'{name}/conv', kind, k, stage.stride, stage.in_channels,
+                             stage.out_channels, size, out_size))
+    elif stage.kind == 'separable':
+      specs.append(LayerSpec(f'{name}/depthwise', 'depthwise', k, stage.stride,
+                             stage.in_channels, stage.in_channels, size, out_size))
+      specs.append(LayerSpec(f'{name}/pointwise', 'pointwise', 1, 1, stage.in_channels,
+                             stage.out_channels, out_size, out_size))
+    else:
+      channels = stage.expanded_channels or stage.in_channels
+      if stage.expanded_channels:
+        specs.append(LayerSpec(f'{name}/expand', 'pointwise', 1, 1, stage.in_channels, channels,
+                               size, size))
+      specs.append(LayerSpec(f'{name}/depthwise', 'depthwise', k, stage.stride, channels,
+                             channels, size, out_size))
+      if stage.se_channels:
+        specs.append(_dense(f'{name}/se/squeeze', channels, stage.se_channels))
+        specs.append(_dense(f'{name}/se/excite', stage.se_channels, channels))
+      specs.append(LayerSpec(f'{name}/project', 'pointwise', 1, 1, channels, stage.out_channels,
+                             out_size, out_size))
+    size = out_size
+  if plan.pre_logits_channels:
+    specs.append(_dense('pre_logits', plan.stages[-1].out_channels, plan.pre_logits_channels))
+  specs.append(_dense('head', plan.features, num_classes))
+  return specs
+
+
 def model_layer_specs(config: ml_collections.ConfigDict) -> list[LayerSpec]:
   """The layer table of the model a full experiment config describes."""
-  model = config.model
-  return architecture.layer_specs(
-      width_multiplier=model.width_multiplier, resolution=model.resolution, form=model.form,
-      conv_type=model.conv_type, num_classes=model.num_classes, min_channels=model.min_channels,
-      input_channels=config.input.channels)
+  return layer_specs(model_plan(config.model, config.input.channels), config.model.resolution,
+                     config.model.num_classes)
+
+
+def imagenet_specs(name: str = 'mobilenet_v1', *, width_multiplier: float = 1.0,
+                   resolution: int = 224, num_classes: int = 1000, **plan_kwargs) -> list[LayerSpec]:
+  """The layer table of an ImageNet-form variant (the papers' setting)."""
+  plan = architectures.plan(name, width_multiplier=width_multiplier, form='imagenet',
+                            **plan_kwargs)
+  return layer_specs(plan, resolution, num_classes)
 
 
 def totals(specs: Sequence[LayerSpec]) -> Totals:

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mobilenet.ops import select
 from mobilenet.ops.cpu import kernels as cpu_kernels
 
 
@@ -90,10 +91,15 @@ def _xla_train_bwd(epsilon, activation, dtype, residuals, cotangents):
 _xla_train.defvjp(_xla_train_fwd, _xla_train_bwd)
 
 
+def identity(x):
+  """No activation: the linear bottleneck's BatchNorm (MobileNetV2/V3 projections)."""
+  return x
+
+
 # The activations the C++ kernels compute, as clip(z, lo, hi).
-# The activations the C++ kernels compute, as clip(z, lo, hi).
-CLIP_BOUNDS = {nn.relu: (0.0, float('inf')), jax.nn.relu6: (0.0, 6.0)}
-IMPLEMENTATIONS = ('xla', 'cpu_kernel')
+CLIP_BOUNDS = {nn.relu: (0.0, float('inf')), jax.nn.relu6: (0.0, 6.0),
+               identity: (float('-inf'), float('inf'))}
+IMPLEMENTATIONS = select.IMPLEMENTATIONS['batch_norm']
 
 
 def _kernel(name, out_shapes, *operands, **attributes):
@@ -143,16 +149,11 @@ _kernel_train.defvjp(_kernel_train_fwd, _kernel_train_bwd)
 
 
 def resolve_implementation(name: str, activation: Callable, backend: Optional[str] = None) -> str:
-  """'auto' -> 'cpu_kernel' on CPU when the kernels build and know the activation, else 'xla'."""
-  if name not in IMPLEMENTATIONS + ('auto',):
-    raise ValueError(f'unknown batch-norm implementation {name!r}; choose one of '
-                     f'{IMPLEMENTATIONS} or "auto"')
-  if name != 'auto':
-    return name
-  backend = backend or jax.default_backend()
-  if backend == 'cpu' and activation in CLIP_BOUNDS and cpu_kernels.available():
-    return 'cpu_kernel'
-  return 'xla'
+  """'auto' per ops/select.py, except that the C++ kernels compute ReLU and ReLU6 (and identity) only."""
+  choice = select.resolve('batch_norm', name, backend)
+  if name == 'auto' and choice == 'cpu_kernel' and activation not in CLIP_BOUNDS:
+    return 'xla'
+  return choice
 
 
 class BatchNormActivation(nn.Module):
@@ -165,35 +166,36 @@ class BatchNormActivation(nn.Module):
   use_running_average: bool = True
   momentum: float = 0.99
   epsilon: float = 1e-3
-  activation: Callable = nn.relu
+  activation: Optional[Callable] = nn.relu  # None: no activation.
   dtype: Any = jnp.float32
-  implementation: str = 'auto'  # 'xla', 'cpu_kernel' (ReLU or ReLU6 on CPU) or 'auto'.
+  implementation: str = 'auto'  # 'xla', 'cpu_kernel' (ReLU, ReLU6 or none) or 'auto'.
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    activation = self.activation or identity
     features = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
     running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
     running_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
-    on_kernel = resolve_implementation(self.implementation, self.activation) == 'cpu_kernel'
-    if on_kernel and self.activation not in CLIP_BOUNDS:
-      raise ValueError(f'the batch-norm CPU kernel computes ReLU and ReLU6 only, not {self.activation}')
+    on_kernel = resolve_implementation(self.implementation, activation) == 'cpu_kernel'
+    if on_kernel and activation not in CLIP_BOUNDS:
+      raise ValueError(f'the batch-norm CPU kernel computes ReLU, ReLU6 and no activation only, not {activation}')
     if self.use_running_average:
       a, b = inference_affine({'scale': scale, 'bias': bias},
                               {'mean': running_mean.value, 'var': running_var.value}, self.epsilon)
       if on_kernel:
-        lo, hi = CLIP_BOUNDS[self.activation]
+        lo, hi = CLIP_BOUNDS[activation]
         y = _kernel('apply', jax.ShapeDtypeStruct(x.shape, jnp.float32), x.astype(jnp.float32),
                     a, b, lo=np.float32(lo), hi=np.float32(hi))
         return y.astype(self.dtype)
-      return self.activation(x.astype(jnp.float32) * a + b).astype(self.dtype)
+      return activation(x.astype(jnp.float32) * a + b).astype(self.dtype)
     if on_kernel:
       y, mean, var = _kernel_train(x.astype(jnp.float32), scale, bias, self.epsilon,
-                                   *CLIP_BOUNDS[self.activation])
+                                   *CLIP_BOUNDS[activation])
       y = y.astype(self.dtype)
     else:
-      y, mean, var = _xla_train(x, scale, bias, self.epsilon, self.activation, self.dtype)
+      y, mean, var = _xla_train(x, scale, bias, self.epsilon, activation, self.dtype)
     if not self.is_initializing():
       running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
       running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var

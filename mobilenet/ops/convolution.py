@@ -1,7 +1,7 @@
 """Standard (dense) k x k 'SAME' convolutions, NHWC inputs and (k, k, C, N) kernels.
 
-Two implementations of the same function; `StandardConv` in layers.py picks
-one by name:
+Three implementations of the same function (ops/select.py says which one
+'auto' is):
 
 - 'xla': `lax.conv_general_dilated`. Used on GPU and TPU.
 - 'patches': k*k shifted (strided) slices concatenated into patches, then one
@@ -15,8 +15,6 @@ one by name:
   drops it) is the patches form's. Needs a multiple of 8 output channels;
   other counts run as 'patches'.
 
-'auto' picks 'cpu_kernel' on CPU ('patches' if the kernels cannot be built)
-and 'xla' on every other backend.
 """
 import functools
 
@@ -24,9 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from mobilenet.ops.cpu import kernels as cpu_kernels
-from mobilenet.ops import depthwise
+from mobilenet.ops import depthwise, select
 
-IMPLEMENTATIONS = ('xla', 'patches', 'cpu_kernel')
+IMPLEMENTATIONS = select.IMPLEMENTATIONS['convolution']
 
 
 def conv_xla(inputs, kernel, strides: int):
@@ -97,15 +95,8 @@ def conv_cpu_kernel(inputs, kernel, strides: int):
 
 
 def resolve_implementation(name: str, backend: str = None) -> str:
-  """Maps 'auto' to the implementation measured fastest for this backend."""
-  if name not in IMPLEMENTATIONS + ('auto',):
-    raise ValueError(f'unknown convolution implementation {name!r}; choose one of '
-                     f'{IMPLEMENTATIONS} or "auto"')
-  if name != 'auto':
-    return name
-  if (backend or jax.default_backend()) != 'cpu':
-    return 'xla'
-  return 'cpu_kernel' if cpu_kernels.available() else 'patches'
+  """Maps 'auto' to the fastest implementation measured on `backend` (ops/select.py)."""
+  return select.resolve('convolution', name, backend)
 
 
 _REGISTRY = {'xla': conv_xla, 'patches': conv_as_patches, 'cpu_kernel': conv_cpu_kernel}

@@ -3,7 +3,7 @@
 Every implementation computes the same function as XLA's grouped convolution
 with `feature_group_count` = input channels: NHWC `inputs`, a
 (kh, kw, 1, C * multiplier) `kernel`, and output channel `c * multiplier + j`
-computed from input channel `c`. `DepthwiseConv` in layers.py picks one by name.
+computed from input channel `c`. ops/select.py says which one 'auto' is.
 
 - 'xla': `lax.conv_general_dilated` with `feature_group_count`. Fastest on
   GPU (cuDNN; measured on an H200) and TPU. On CPU it is ~100x slower than
@@ -24,19 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from mobilenet.ops import select
 from mobilenet.ops.cpu import kernels as cpu_kernels
 
 Padding = Union[str, Sequence[Tuple[int, int]]]
 
-IMPLEMENTATIONS = ('xla', 'shifted', 'cpu_kernel')
-
-# What 'auto' picks per backend (docs/performance.md has the measurements).
-# CPU: the C++ kernel, measured here. GPU: XLA's grouped convolution (cuDNN),
-# measured on an H200 with jax 0.11.2: 14,335 vs 10,275 training images/s for
-# 'shifted' (ImageNet form, 224, batch 256, bfloat16; 9,421 vs 7,869 in
-# float32), so the slow grouped-conv backward of jax #13800 is gone there.
-# TPU: XLA's TPU convolution emitter handles depthwise natively; keep it.
-AUTO_BY_BACKEND = {'cpu': 'cpu_kernel', 'gpu': 'xla', 'cuda': 'xla', 'rocm': 'xla', 'tpu': 'xla'}
+IMPLEMENTATIONS = select.IMPLEMENTATIONS['depthwise']
 
 
 def depthwise_conv_xla(inputs, kernel, strides, padding):
@@ -248,19 +241,8 @@ _REGISTRY = {'xla': depthwise_conv_xla, 'shifted': depthwise_conv_shifted,
 
 
 def resolve_implementation(name: str, backend: str = None) -> str:
-  """Maps 'auto' to the fastest implementation measured on `backend` (default: JAX's).
-
-  On CPU 'auto' falls back to 'shifted' when the C++ kernel cannot be built.
-  """
-  if name == 'auto':
-    backend = backend or jax.default_backend()
-    choice = AUTO_BY_BACKEND.get(backend, 'xla')
-    if choice == 'cpu_kernel' and not cpu_kernels.available():
-      choice = 'shifted'
-    return choice
-  if name not in IMPLEMENTATIONS:
-    raise ValueError(f'unknown depthwise implementation {name!r}; choose one of {IMPLEMENTATIONS} or "auto"')
-  return name
+  """Maps 'auto' to the fastest implementation measured on `backend` (ops/select.py)."""
+  return select.resolve('depthwise', name, backend)
 
 
 def depthwise_conv(inputs: jnp.ndarray, kernel: jnp.ndarray, *, strides=(1, 1),

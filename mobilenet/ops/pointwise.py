@@ -1,7 +1,7 @@
 """The pointwise (1x1) convolution: a matrix product over the channel axis.
 
-Two implementations of the same function, NHWC `inputs` and a (C, D) kernel;
-`PointwiseConv` in layers.py picks one by name:
+Two implementations of the same function, NHWC `inputs` and a (C, D) kernel
+(ops/select.py says which one 'auto' is):
 
 - 'xla': `jnp.einsum`, with XLA's own gradients. Used on GPU and TPU.
 - 'cpu_kernel': the same forward and input gradient, with the filter gradient
@@ -10,14 +10,14 @@ Two implementations of the same function, NHWC `inputs` and a (C, D) kernel;
   GMAC/s for the early layers' few channels: it was 30% of the alpha-0.25
   training step. Needs a multiple of 8 output channels; others run as 'xla'.
 
-'auto' picks 'cpu_kernel' on CPU when the kernels build, else 'xla'.
 """
 import jax
 import jax.numpy as jnp
 
+from mobilenet.ops import select
 from mobilenet.ops.cpu import kernels as cpu_kernels
 
-IMPLEMENTATIONS = ('xla', 'cpu_kernel')
+IMPLEMENTATIONS = select.IMPLEMENTATIONS['pointwise']
 
 
 def pointwise_conv_xla(inputs, kernel):
@@ -56,15 +56,8 @@ def pointwise_conv_cpu_kernel(inputs, kernel):
 
 
 def resolve_implementation(name: str, backend: str = None) -> str:
-  """Maps 'auto' to the implementation measured fastest for this backend."""
-  if name not in IMPLEMENTATIONS + ('auto',):
-    raise ValueError(f'unknown pointwise implementation {name!r}; choose one of '
-                     f'{IMPLEMENTATIONS} or "auto"')
-  if name != 'auto':
-    return name
-  if (backend or jax.default_backend()) == 'cpu' and cpu_kernels.available():
-    return 'cpu_kernel'
-  return 'xla'
+  """Maps 'auto' to the fastest implementation measured on `backend` (ops/select.py)."""
+  return select.resolve('pointwise', name, backend)
 
 
 _REGISTRY = {'xla': pointwise_conv_xla, 'cpu_kernel': pointwise_conv_cpu_kernel}

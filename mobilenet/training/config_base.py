@@ -37,16 +37,29 @@ def base_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
 
   config.model = ml_collections.ConfigDict()
+  # mobilenet_v1, mobilenet_v2, mobilenet_v3_large, mobilenet_v3_small, or the
+  # V3 *_minimalistic variants (models/architectures.py has the tables).
+  config.model.name = 'mobilenet_v1'
   config.model.form = 'cifar'  # 'imagenet': stem stride 2 (224 input); 'cifar': stem stride 1.
   config.model.width_multiplier = 1.0  # alpha in the paper.
   config.model.resolution = 28  # Input side; rho = resolution / 224 in the imagenet form.
   config.model.num_classes = 10
-  config.model.conv_type = 'separable'  # 'standard': the paper's "Conv MobileNet" (Table 4).
-  config.model.activation = 'relu'  # The paper; released TF checkpoints use 'relu6'.
+  # 'standard': MobileNetV1 paper's "Conv MobileNet" (Table 4); V1 only.
+  config.model.conv_type = 'separable'
+  # MobileNetV1's: 'relu' (the paper) or 'relu6' (the released TF checkpoints).
+  # V2 and V3 use the activations of their tables.
+  config.model.activation = 'relu'
   config.model.dropout_rate = 0.0
   config.model.dtype = 'float32'  # Compute dtype; parameters stay float32.
-  config.model.depthwise_implementation = 'auto'  # 'auto': fastest measured on the backend.
-  # Eval on the CPU kernels with the BatchNorms fused into the depthwise kernel (inference.py).
+  # The modules the network is built with (ops/op_sets.py): 'fast' (the fastest
+  # kernel per layer kind on the backend) or 'plain' (nn.Conv and nn.BatchNorm).
+  # Both compute the same function; neither changes the parameters.
+  config.model.ops = 'fast'
+  # The 'fast' ops' depthwise kernel: 'auto' (fastest measured on the backend,
+  # ops/select.py), 'xla', 'shifted' or 'cpu_kernel'.
+  config.model.depthwise_implementation = 'auto'
+  # Evaluate with the BatchNorms fused into the C++ depthwise kernel where the
+  # model allows it (models/fused_inference.py: MobileNetV1, float32, CPU).
   config.model.fused_inference = True
   config.model.min_channels = 8  # Channels are max(int(c * alpha), min_channels).
   config.model.batch_norm_momentum = 0.9
@@ -103,8 +116,12 @@ def _require_choice(config: ml_collections.ConfigDict, field: str, choices) -> N
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every field a run depends on; raises UserError on the first bad one."""
-  from mobilenet.ops import depthwise  # Here, not at the top: keeps the schema import-light.
+  # Here, not at the top: keeps the schema import-light.
+  from mobilenet.models import architectures
+  from mobilenet.ops import depthwise, op_sets
   _require_choice(config, 'dataset', DATASETS)
+  _require_choice(config, 'model.name', architectures.NAMES)
+  _require_choice(config, 'model.ops', op_sets.OP_SETS)
   _require_choice(config, 'model.form', FORMS)
   _require_choice(config, 'model.conv_type', CONV_TYPES)
   _require_choice(config, 'model.activation', ACTIVATIONS)
@@ -114,6 +131,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require_choice(config, 'schedule.name', SCHEDULES)
   _require_choice(config, 'input.channels', (1, 3))
   model = config.model
+  _require(model.conv_type == 'separable' or model.name == 'mobilenet_v1', 'model.conv_type',
+           model.conv_type, f"is MobileNetV1's Conv MobileNet baseline, not {model.name}'s; use "
+           "'separable' or --config.model.name=mobilenet_v1")
   _require(model.width_multiplier > 0, 'model.width_multiplier', model.width_multiplier,
            'must be > 0 (the paper uses 1.0, 0.75, 0.5, 0.25)')
   _require(model.resolution >= 8, 'model.resolution', model.resolution,
@@ -159,3 +179,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
            config.input.eval_crop_fraction, 'must be in (0, 1]')
   _require(config.input.random_crop_padding >= 0, 'input.random_crop_padding',
            config.input.random_crop_padding, 'must be >= 0')
+
+
+def with_defaults(recorded: dict) -> dict:
+  """A config recorded in a run's config.json, with fields added to the schema since at their defaults."""
+  config = base_config().to_dict()
+  _update_nested(config, recorded)
+  return config
+
+
+def _update_nested(target: dict, source: dict) -> None:
+  for key, value in source.items():
+    if isinstance(value, dict) and isinstance(target.get(key), dict):
+      _update_nested(target[key], value)
+    else:
+      target[key] = value

@@ -21,6 +21,7 @@ from absl import logging
 from mobilenet.training import checkpointing, config_base, metrics, optim, parallel
 from mobilenet.models import counting
 from mobilenet.errors import UserError
+from mobilenet.models import fused_inference
 from mobilenet.models.mobilenet import create_model
 from mobilenet.training.train_step import TrainState, create_train_state, eval_step, train_step
 
@@ -29,7 +30,7 @@ CONFIG_FILE = 'config.json'
 ARCHITECTURE_FIELDS = ('dataset', 'model', 'optimizer.name')
 # How the same function is computed: a resumed run may change these, and runs
 # recorded before a field existed compare as if they had its default.
-IMPLEMENTATION_FIELDS = {'model': ('depthwise_implementation', 'fused_inference')}
+IMPLEMENTATION_FIELDS = {'model': ('depthwise_implementation', 'fused_inference', 'ops')}
 
 
 def _config_value(config: ml_collections.ConfigDict | dict, dotted: str):
@@ -59,7 +60,8 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> pathlib.
                     'folder you can write to')
   saved_file = path / CONFIG_FILE
   if saved_file.exists():
-    saved = json.loads(saved_file.read_text())
+    # Fields added to the schema since the run was recorded compare as their defaults.
+    saved = config_base.with_defaults(json.loads(saved_file.read_text()))
     for field in ARCHITECTURE_FIELDS:
       old, new = _config_value(saved, field), _config_value(config, field)
       if old != new:
@@ -164,7 +166,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if start_step == 0:
     writer.write(0, 'model', model_counts)
   logging.info('%s: %s; %d steps (%d per epoch), %d devices on %d hosts; %s', info.name,
-               f'MobileNetV1 alpha {config.model.width_multiplier} at {config.model.resolution}',
+               f'{config.model.name} alpha {config.model.width_multiplier} at '
+               f'{config.model.resolution}',
                num_steps, steps_per_epoch, jax.device_count(), jax.process_count(),
                f'resuming at step {start_step}' if start_step else 'starting')
 
@@ -172,8 +175,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config),
       in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
       donate_argnums=0)
+  apply_fn, eval_path = fused_inference.eval_apply(model, config.model.fused_inference)
+  logging.info(eval_path)
   eval_fn = jax.jit(
-      functools.partial(eval_step, model=model, config=config, use_ema=config.ema_decay > 0),
+      functools.partial(eval_step, apply_fn=apply_fn, config=config,
+                        use_ema=config.ema_decay > 0),
       in_shardings=(replicated, batch_sharding), out_shardings=replicated)
   eval_every = steps_per_epoch if config.eval_every_steps == -1 else config.eval_every_steps
   log_every = config.log_every_steps if config.log_every_steps > 0 else 100

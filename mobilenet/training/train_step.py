@@ -3,7 +3,7 @@
 Nothing here knows about files, flags or devices: `train.py` wraps these
 functions in `jax.jit` over a device mesh.
 """
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -83,12 +83,15 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], *, model: nn.Mo
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jnp.ndarray], *, model: nn.Module,
+def eval_step(state: TrainState, batch: dict[str, jnp.ndarray], *, apply_fn: Callable,
               config: ml_collections.ConfigDict, use_ema: bool) -> dict[str, jnp.ndarray]:
-  """Sums of loss, top-1 and top-5 hits and example count over the masked (real) examples."""
+  """Sums of loss, top-1 and top-5 hits and example count over the masked (real) examples.
+
+  `apply_fn(variables, images)` computes inference-mode logits: the model's own
+  apply, or an equal transformation of it (models/fused_inference.eval_apply).
+  """
   params = state.ema_params if use_ema and state.ema_params is not None else state.params
-  logits = model.apply({'params': params, 'batch_stats': state.batch_stats}, batch['image'],
-                       train=False)
+  logits = apply_fn({'params': params, 'batch_stats': state.batch_stats}, batch['image'])
   mask = batch['mask'].astype(jnp.float32)
   labels = batch['label']
   loss = cross_entropy(logits, labels, config.model.num_classes, 0.0)

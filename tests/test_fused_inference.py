@@ -1,15 +1,21 @@
-"""Inference with the BatchNorms fused into the depthwise kernel computes the module's own function."""
+"""The fused-inference transformation computes the model's own function, and refuses what it cannot."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobilenet.ops.cpu import kernels as cpu_kernels
+from mobilenet.models import architectures, fused_inference
+from mobilenet.models.mobilenet import MobileNet
 from mobilenet.ops import depthwise
-from mobilenet.models import fused_inference as inference
-from mobilenet.models.mobilenet import MobileNetV1
+from mobilenet.ops.cpu import kernels as cpu_kernels
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason='needs the C++ CPU kernels')
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason='needs a C++ compiler')
+
+
+def v1(form='cifar', alpha=0.25, activation='relu', **kwargs):
+  plan = architectures.plan('mobilenet_v1', width_multiplier=alpha, form=form,
+                            activation=activation)
+  return MobileNet(plan=plan, num_classes=5, **kwargs)
 
 
 def trained_looking_variables(model, images):
@@ -27,6 +33,7 @@ def trained_looking_variables(model, images):
   return jax.tree_util.tree_unflatten(tree, moved)
 
 
+@needs_kernels
 @pytest.mark.parametrize('form,resolution,alpha,activation', [
     ('cifar', 32, 0.25, 'relu'),     # Every depthwise layer on the fused C++ loop.
     ('cifar', 16, 0.3, 'relu6'),     # 9, 19, 38 ... channels: the XLA steps around the kernel.
@@ -34,14 +41,15 @@ def trained_looking_variables(model, images):
 ])
 def test_fused_inference_matches_layer_by_layer(form, resolution, alpha, activation):
   images = jax.random.normal(jax.random.key(1), (3, resolution, resolution, 3))
-  fused = MobileNetV1(num_classes=5, width_multiplier=alpha, form=form, activation=activation)
-  assert inference.supported(fused)
-  variables = trained_looking_variables(fused, images)
-  layered = fused.clone(fused_inference=False)
-  want = jax.jit(layered.apply)(variables, images)
-  have = jax.jit(fused.apply)(variables, images)
-  assert np.std(want) > 0.1  # The activations were not all clipped away.
-  np.testing.assert_allclose(have, want, rtol=2e-4, atol=2e-4)
+  model = v1(form, alpha, activation)
+  fused = fused_inference.inference_fn(model)
+  assert fused is not None
+  variables = trained_looking_variables(model, images)
+  for ops in ('fast', 'plain'):
+    want = jax.jit(model.clone(ops=ops).apply)(variables, images)
+    have = jax.jit(fused)(variables, images)
+    assert np.std(want) > 0.1  # The activations were not all clipped away.
+    np.testing.assert_allclose(have, want, rtol=2e-4, atol=2e-4)
 
 
 def test_fused_depthwise_matches_its_definition():
@@ -59,9 +67,19 @@ def test_fused_depthwise_matches_its_definition():
     np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernels
 def test_only_what_it_computes_is_fused():
-  base = MobileNetV1(num_classes=5, width_multiplier=0.25, form='cifar')
-  assert inference.supported(base)
-  assert not inference.supported(base.clone(dtype=jnp.bfloat16))
-  assert not inference.supported(base.clone(conv_type='standard'))
-  assert not inference.supported(base.clone(depthwise_implementation='xla'))
+  base = v1()
+  assert fused_inference.unsupported_reason(base) is None
+  refused = [base.clone(dtype=jnp.bfloat16), base.clone(ops='plain'),
+             base.clone(depthwise_implementation='xla'),
+             v1().clone(plan=architectures.plan('mobilenet_v1', conv_type='standard'))]
+  refused += [MobileNet(plan=architectures.plan(name)) for name in architectures.NAMES[1:]]
+  for model in refused:
+    assert fused_inference.inference_fn(model) is None
+    apply_fn, path = fused_inference.eval_apply(model, fused=True)
+    assert path.startswith('eval: layer by layer (')
+  _, path = fused_inference.eval_apply(base, fused=True)
+  assert path == 'eval: BatchNorms fused into the C++ depthwise kernel'
+  _, path = fused_inference.eval_apply(base, fused=False)
+  assert 'fused_inference is off' in path
