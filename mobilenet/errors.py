@@ -8,6 +8,7 @@ itself cannot be loaded or an override names no field. `run` also makes
 --help exit 0 (absl exits 1) and names every missing required flag at once.
 """
 import functools
+import os
 import sys
 
 from absl import app, flags
@@ -83,6 +84,7 @@ def _asks_for_help(argv) -> bool:
 
 
 def _parse_flags(argv):
+  argv = [argv[0], *('--help' if arg == '-h' else arg for arg in argv[1:])]  # absl knows -? only.
   try:
     remaining = flags.FLAGS(argv)
     missing = [f'--{name}' for name in _required if flags.FLAGS[name].value is None]
@@ -92,6 +94,9 @@ def _parse_flags(argv):
     for name in flags.FLAGS:  # A config that failed to load raises on first use: use it now.
       getattr(flags.FLAGS[name].value, 'keys', None)
     return remaining
+  except BrokenPipeError:  # `--help | head`: the reader stopped reading, which is fine.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # No error again at exit.
+    sys.exit(0)
   except SystemExit as exit_:
     # absl's --help prints the usage and exits 1, which reads as a failure.
     if exit_.code == 1 and _asks_for_help(argv):

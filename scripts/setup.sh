@@ -24,9 +24,14 @@ start=$SECONDS
 
 APT_PACKAGES=(dataset-fashion-mnist g++ python3-venv)
 missing=()
-for package in "${APT_PACKAGES[@]}"; do
-  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
-done
+if command -v dpkg >/dev/null && command -v apt-get >/dev/null; then
+  for package in "${APT_PACKAGES[@]}"; do
+    dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+  done
+else
+  echo "setup: no apt-get here (not Debian/Ubuntu): make sure g++ and python3's venv module" \
+       "are installed; Fashion-MNIST will need the network (TFDS downloads it)" >&2
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then
     sudo=()
@@ -38,9 +43,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
     exit 1
   fi
   echo "setup: installing ${missing[*]} with apt-get"
-  export DEBIAN_FRONTEND=noninteractive
   "${sudo[@]}" apt-get update -qq
-  "${sudo[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+  # env, not export: sudo would drop an exported variable.
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 # A stamp of what .venv was installed from, so a rerun skips pip (which would

@@ -123,6 +123,11 @@ def test_help_exits_0_and_explains_the_config(script):
     assert f'{continued} \\\n' in result.stdout
 
 
+def test_dash_h_is_help_too():
+  result = run_script(['scripts/count_params.py', '-h'])
+  assert result.returncode == 0 and '--config' in result.stdout
+
+
 def test_missing_required_flags_are_named_in_one_line():
   result = run_script(['scripts/train.py'])
   assert result.returncode == 2
