@@ -79,6 +79,24 @@ def test_bar_on_a_wide_terminal_starts_after_the_first_step(monkeypatch, capsys)
   assert 'loss 1' in capsys.readouterr().err
 
 
+def test_bar_time_leaves_out_eval(monkeypatch, clock):
+  monkeypatch.setattr(sys.stderr, 'isatty', lambda: True)
+  monkeypatch.setattr(metrics, 'terminal_columns', lambda: 120)
+  progress = metrics.Progress(total_steps=100, initial_step=0, batch_size=1)
+  progress.advance(1)
+  bar = progress._bar
+  bar._time = clock  # tqdm's own clock, from here on the fake one.
+  bar.start_t = bar.last_print_t = clock()
+  clock.now += 10.0
+  progress.report(11, 'loss 1')
+  with progress.paused():
+    clock.now += 500.0
+  clock.now += 10.0
+  progress.report(21, 'loss 2')
+  assert bar.format_dict['elapsed'] == pytest.approx(20.0, abs=0.01)
+  progress.close()
+
+
 def test_terminal_columns_is_zero_off_a_terminal(monkeypatch, tmp_path):
   with open(tmp_path / 'log', 'w') as log_file:
     monkeypatch.setattr(sys, 'stderr', log_file)

@@ -98,6 +98,8 @@ class Progress:
   def paused(self):
     """Leaves the time spent inside out of the rate and ETA (for eval)."""
     start = time.perf_counter()
+    if self._bar is not None:
+      self._bar.clear()  # So that log lines written meanwhile start on a line of their own.
     try:
       yield
     finally:
@@ -105,6 +107,7 @@ class Progress:
         self._report_time += time.perf_counter() - start
       if self._bar is not None:
         self._bar.unpause()
+        self._bar.refresh()
 
   def report(self, step: int, summary: str) -> None:
     """Shows the latest metrics: on the bar, or as one log line with rate and ETA."""
