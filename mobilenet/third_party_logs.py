@@ -4,9 +4,11 @@ Applied on `import mobilenet`, so before the scripts import JAX or TensorFlow,
 and only where the user has not chosen: an environment variable already set
 is left as it is.
 
-* JAX_PLATFORMS=cpu when no accelerator plugin (CUDA, ROCm, TPU) is installed:
-  otherwise JAX probes for a TPU first and logs "Unable to initialize backend
-  'tpu': ... libtpu.so" on every CPU-only machine.
+* JAX_PLATFORMS=cpu when no accelerator plugin (CUDA, ROCm, TPU) is installed
+  and there is no GPU or TPU on the PCI bus: otherwise JAX probes for a TPU and
+  logs "Unable to initialize backend 'tpu': ... libtpu.so" on every CPU-only
+  machine. Where there is accelerator hardware, JAX keeps choosing, and warns
+  itself when its plugin is missing.
 * TFDS's INFO lines ("Load dataset info from", "Constructing tf.data.Dataset",
   one set per eval) and two messages this project triggers by design:
   "Variant folder ... has no dataset_info.json" (a data dir where the dataset is
@@ -44,6 +46,25 @@ def accelerator_plugins() -> list[str]:
   return names
 
 
+# PCI vendor ids of NVIDIA, AMD and Google, and the device classes of a display
+# controller (GPUs) or processing accelerator (TPUs): what JAX itself looks for.
+_ACCELERATOR_VENDORS = ('0x10de', '0x1002', '0x1ae0')
+_ACCELERATOR_CLASSES = ('0x03', '0x12')
+
+
+def accelerator_hardware(pci_devices: str = '/sys/bus/pci/devices') -> bool:
+  """True when a GPU or TPU is on the PCI bus (Linux; False where it cannot tell)."""
+  for device in pathlib.Path(pci_devices).glob('*'):
+    try:
+      vendor = (device / 'vendor').read_text().strip()
+      device_class = (device / 'class').read_text().strip()
+    except OSError:
+      continue
+    if vendor in _ACCELERATOR_VENDORS and device_class.startswith(_ACCELERATOR_CLASSES):
+      return True
+  return False
+
+
 def _tfds_dir() -> str | None:
   spec = importlib.util.find_spec('tensorflow_datasets')
   return str(pathlib.Path(spec.origin).parent) if spec and spec.origin else None
@@ -67,7 +88,8 @@ class TfdsFilter(logging.Filter):
 
 def apply() -> None:
   """Sets the defaults above; idempotent."""
-  if 'JAX_PLATFORMS' not in os.environ and not accelerator_plugins():
+  if ('JAX_PLATFORMS' not in os.environ and not accelerator_plugins()
+      and not accelerator_hardware()):
     os.environ['JAX_PLATFORMS'] = 'cpu'
   # TFDS logs through absl.logging. (Its logger must be absl's own class, which
   # names the calling file: so absl.logging is imported before asking for it.)

@@ -11,7 +11,7 @@
 #    shapes in the network): the share of depthwise, pointwise and BatchNorm
 #    layers in the step (layers.jsonl).
 # 3. The 32x32 'cifar' form at the CPU table's settings (benchmark.jsonl).
-# Then set 'auto' for the backend in mobilenet/depthwise.py (AUTO_BY_BACKEND)
+# Then set 'auto' for the backend in mobilenet/ops/depthwise.py (AUTO_BY_BACKEND)
 # to the faster implementation and record the numbers in docs/performance.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."

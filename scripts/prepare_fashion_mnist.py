@@ -3,7 +3,7 @@
   python3 scripts/prepare_fashion_mnist.py --data_dir ~/tensorflow_datasets
 
 Training does this by itself when fashion_mnist is missing; this script does
-it ahead of time. A second run is a no-op. See mobilenet/fashion_mnist_offline.py.
+it ahead of time. A second run is a no-op. See mobilenet/data/fashion_mnist_offline.py.
 """
 
 from absl import flags, logging

@@ -139,6 +139,20 @@ def test_run_summary_names_results_outputs_and_the_eval_command(monkeypatch, tmp
   assert 'resumed at step 4,000' in resumed
 
 
+@pytest.mark.parametrize('vendor, device_class, expected', [
+    ('0x10de', '0x030200', True),  # An NVIDIA 3D controller.
+    ('0x1ae0', '0x120000', True),  # A Google TPU.
+    ('0x1af4', '0x030000', False),  # A virtio display.
+    ('0x10de', '0x040300', False),  # NVIDIA audio.
+])
+def test_accelerator_hardware_reads_the_pci_bus(tmp_path, vendor, device_class, expected):
+  device = tmp_path / '0000:00:04.0'
+  device.mkdir()
+  (device / 'vendor').write_text(vendor + '\n')
+  (device / 'class').write_text(device_class + '\n')
+  assert third_party_logs.accelerator_hardware(str(tmp_path)) is expected
+
+
 def test_tfds_filter_drops_only_tfds_info_and_its_harmless_warnings():
   tfds_dir = '/site-packages/tensorflow_datasets'
   keep = third_party_logs.TfdsFilter(tfds_dir).filter
@@ -159,9 +173,14 @@ def test_tfds_filter_drops_only_tfds_info_and_its_harmless_warnings():
 def test_jax_platforms_is_set_only_without_accelerators_and_user_choice(monkeypatch):
   monkeypatch.delenv('JAX_PLATFORMS', raising=False)
   monkeypatch.setattr(third_party_logs, 'accelerator_plugins', lambda: [])
+  monkeypatch.setattr(third_party_logs, 'accelerator_hardware', lambda: False)
   third_party_logs.apply()
   assert os.environ['JAX_PLATFORMS'] == 'cpu'
   monkeypatch.delenv('JAX_PLATFORMS')
+  monkeypatch.setattr(third_party_logs, 'accelerator_hardware', lambda: True)
+  third_party_logs.apply()  # A GPU without JAX's plugin: JAX says so itself.
+  assert 'JAX_PLATFORMS' not in os.environ
+  monkeypatch.setattr(third_party_logs, 'accelerator_hardware', lambda: False)
   monkeypatch.setattr(third_party_logs, 'accelerator_plugins', lambda: ['xla_cuda12'])
   third_party_logs.apply()
   assert 'JAX_PLATFORMS' not in os.environ

@@ -95,8 +95,14 @@ class Progress:
     self._last_step = step
 
   @contextlib.contextmanager
-  def paused(self):
-    """Leaves the time spent inside out of the rate and ETA (for eval)."""
+  def paused(self, pending=None):
+    """Leaves the time spent inside out of the rate and ETA (for eval).
+
+    `pending`: arrays of the training steps dispatched so far (the state),
+    waited for first, since they run asynchronously: their time is training's.
+    """
+    if pending is not None:
+      jax.block_until_ready(pending)
     start = time.perf_counter()
     if self._bar is not None:
       self._bar.clear()  # So that log lines written meanwhile start on a line of their own.

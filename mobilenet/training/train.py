@@ -213,7 +213,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         'resume', step, workdir)
         return {}
       if last or step % eval_every == 0:
-        with progress.paused():
+        with progress.paused(state):
           eval_metrics = evaluate(state, eval_fn, config, batch_sharding)
         writer.write(step, 'eval', eval_metrics)
         logging.info('eval at step %d: top-1 %.4f top-5 %.4f loss %.4f (%d examples)', step,
