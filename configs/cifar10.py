@@ -1,7 +1,7 @@
 """CIFAR-10 with the 32x32 'cifar' form of MobileNetV1.
 
-  python scripts/train.py --config configs/cifar10.py --workdir runs/cifar10
-  python scripts/train.py --config configs/cifar10.py:0.5 --workdir runs/cifar10_0.5
+  python3 scripts/train.py --config configs/cifar10.py --workdir runs/cifar10
+  python3 scripts/train.py --config configs/cifar10.py:0.5 --workdir runs/cifar10_0.5
 
 The optional argument after ':' is the width multiplier (default 1.0).
 Expected: not yet measured. Needs TFDS cifar10 (downloads itself with network;

@@ -1,14 +1,16 @@
 """CIFAR-100 with the 32x32 'cifar' form of MobileNetV1.
 
-  python scripts/train.py --config configs/cifar100.py --workdir runs/cifar100
-  python scripts/train.py --config configs/cifar100.py:0.5 --workdir runs/cifar100_0.5
+  python3 scripts/train.py --config configs/cifar100.py --workdir runs/cifar100
+  python3 scripts/train.py --config configs/cifar100.py:0.5 --workdir runs/cifar100_0.5
 
 The optional argument after ':' is the width multiplier (default 1.0).
 Expected: not yet measured. Needs TFDS cifar100 (downloads itself with network;
 offline, prepare it elsewhere with `tfds build cifar100` and point
 --config.data_dir at it).
 """
-from configs import cifar10
+from mobilenet.training.config_base import sibling_config
+
+cifar10 = sibling_config(__file__, 'cifar10')
 
 
 def get_config(width_multiplier=None):

@@ -1,6 +1,6 @@
 """Default: a small MobileNetV1 on Fashion-MNIST that trains anywhere, offline.
 
-  python scripts/train.py --config configs/default.py --workdir runs/default
+  python3 scripts/train.py --config configs/default.py --workdir runs/default
 
 Measured (2-core AMD EPYC, 2026-11-28 10:40 UTC): 91.07% test top-1 (top-5 99.89%) after
 9 epochs (4,212 steps), 5 min 52 s wall including start-up, data preparation check and an

@@ -1,7 +1,7 @@
 """Fashion-MNIST at full width: the longer schedule for real comparisons.
 
-  python scripts/train.py --config configs/fashion_mnist.py --workdir runs/fmnist
-  python scripts/train.py --config configs/fashion_mnist.py:0.5 --workdir runs/fmnist_0.5
+  python3 scripts/train.py --config configs/fashion_mnist.py --workdir runs/fmnist
+  python3 scripts/train.py --config configs/fashion_mnist.py:0.5 --workdir runs/fmnist_0.5
 
 The optional argument after ':' is the width multiplier (default 1.0).
 Expected: not yet measured (the Fashion-MNIST benchmark lists a MobileNet at 95.0%).

@@ -1,6 +1,6 @@
 """Ablation: depthwise-separable vs standard convolutions (the paper's Table 4) on Fashion-MNIST.
 
-  python scripts/sweep.py --config configs/fashion_mnist_conv_vs_separable.py \
+  python3 scripts/sweep.py --config configs/fashion_mnist_conv_vs_separable.py \
       --workdir runs/conv_vs_separable
 
 trains the same network (alpha 0.25, 28x28, same data and schedule) once with
@@ -14,7 +14,9 @@ a small gain in accuracy (the paper: 1% on ImageNet); numbers and cost not yet
 measured (a few minutes for the separable variant on 2 CPU cores, several
 times that for the standard one).
 """
-from configs import default
+from mobilenet.training.config_base import sibling_config
+
+default = sibling_config(__file__, 'default')
 
 
 def get_config():

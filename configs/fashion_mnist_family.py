@@ -1,6 +1,6 @@
 """Comparing families: MobileNetV1, V2 and V3-Small on Fashion-MNIST with one recipe.
 
-  python scripts/sweep.py --config configs/fashion_mnist_family.py --workdir runs/family
+  python3 scripts/sweep.py --config configs/fashion_mnist_family.py --workdir runs/family
 
 trains each architecture of the grid in `config.sweep` (override it with
 --sweep model.name=... --sweep model.width_multiplier=...) at alpha 1.0 with the
@@ -10,7 +10,9 @@ decay 1e-4, no augmentation) for 2 epochs, then writes the comparison
 series per architecture) to runs/family. README "Results: the MobileNet family"
 has the measured table, plots and wall times.
 """
-from configs import default
+from mobilenet.training.config_base import sibling_config
+
+default = sibling_config(__file__, 'default')
 
 
 def get_config():

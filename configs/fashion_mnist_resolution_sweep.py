@@ -1,6 +1,6 @@
 """Ablation: the resolution multiplier rho (the paper's Table 7 and Figure 4) on Fashion-MNIST.
 
-  python scripts/sweep.py --config configs/fashion_mnist_resolution_sweep.py \
+  python3 scripts/sweep.py --config configs/fashion_mnist_resolution_sweep.py \
       --workdir runs/resolution_sweep
 
 trains alpha 0.25 at 28, 24, 20 and 16 pixels (the images are resized; the
@@ -14,7 +14,9 @@ Expected: accuracy falls off smoothly with resolution at equal parameters;
 numbers and cost not yet measured (a few minutes per variant on 2 CPU cores,
 less at lower resolutions).
 """
-from configs import default
+from mobilenet.training.config_base import sibling_config
+
+default = sibling_config(__file__, 'default')
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Ablation: the width multiplier alpha (the paper's Table 6 and Figures 4-5) on Fashion-MNIST.
 
-  python scripts/sweep.py --config configs/fashion_mnist_width_sweep.py --workdir runs/width_sweep
+  python3 scripts/sweep.py --config configs/fashion_mnist_width_sweep.py --workdir runs/width_sweep
 
 trains alpha 1.0, 0.75, 0.5, 0.25 with the default recipe (the grid in `config.sweep`; override it with
 --sweep model.width_multiplier=...), each for 1 epoch at 28x28, then writes
@@ -12,7 +12,9 @@ Measured (2-core CPU, 2026-11-28): top-1 84.71 / 87.17 / 87.72 / 88.02% for alph
 whole sweep with evaluation (202 / 334 / 603 / 549 s per variant, with a test suite
 sharing the cores).
 """
-from configs import default
+from mobilenet.training.config_base import sibling_config
+
+default = sibling_config(__file__, 'default')
 
 
 def get_config():

@@ -1,7 +1,7 @@
 """ImageNet (ILSVRC-2012) with the paper's recipe: the published MobileNetV1.
 
-  python scripts/train.py --config configs/imagenet.py --workdir runs/imagenet
-  python scripts/train.py --config configs/imagenet.py:0.5,160 --workdir runs/imagenet_0.5_160
+  python3 scripts/train.py --config configs/imagenet.py --workdir runs/imagenet
+  python3 scripts/train.py --config configs/imagenet.py:0.5,160 --workdir runs/imagenet_0.5_160
 
 The optional argument after ':' is 'alpha' or 'alpha,resolution' (default 1.0,224).
 Recipe: RMSprop (decay 0.9, momentum 0.9, epsilon 1.0), exponential decay x0.94

@@ -4,14 +4,26 @@ Every check of user input (config values, missing datasets, unwritable workdirs,
 corrupt checkpoints) raises `UserError` with a single sentence that names the
 problem and the fix. Scripts start through `run(main)`, so the user sees that
 one line and exit code 2 instead of a traceback, also when the config file
-itself cannot be loaded or an override names no field.
+itself cannot be loaded or an override names no field. `run` also makes
+--help exit 0 (absl exits 1) and names every missing required flag at once.
 """
 import functools
+import os
 import sys
 
 from absl import app, flags
 
 EXIT_CODE = 2
+# The help of every script's --config flag: the forms it takes and where the fields are.
+CONFIG_HELP = (
+    'Experiment config: a Python file whose get_config() returns it (configs/*.py), '
+    'or file.py:arg to pass get_config an argument (configs/cifar10.py:0.5). Override any '
+    'field with --config.<field>=<value> (--config.num_epochs=3, '
+    '--config.model.width_multiplier=0.5); mobilenet/training/config_base.py lists every '
+    'field with its default and meaning.')
+# absl's help flags, which print and exit before main.
+_HELP_FLAGS = frozenset({'help', '?', 'helpshort', 'helpfull', 'helpxml'})
+_required: list[str] = []
 
 
 class UserError(Exception):
@@ -54,12 +66,42 @@ def _describe_flag_problem(error: Exception) -> str:
           '--config path and the file')
 
 
+def mark_required(names: list[str]) -> None:
+  """Marks flags required: `run` names all that are missing in one line, --help says so.
+
+  Instead of absl's `mark_flags_as_required`, whose validators stop at the first.
+  """
+  for name in names:
+    _required.append(name)
+    flag = flags.FLAGS[name]
+    flag.help += ' (required)'
+    flag.default_as_str = None  # Else --help shows "(default: 'None')" for it.
+
+
+def _asks_for_help(argv) -> bool:
+  return any(arg.startswith('-') and arg.lstrip('-').split('=')[0] in _HELP_FLAGS
+             for arg in argv[1:])
+
+
 def _parse_flags(argv):
+  argv = [argv[0], *('--help' if arg == '-h' else arg for arg in argv[1:])]  # absl knows -? only.
   try:
     remaining = flags.FLAGS(argv)
+    missing = [f'--{name}' for name in _required if flags.FLAGS[name].value is None]
+    if missing:
+      _fail(f'missing required flag{"s" if len(missing) > 1 else ""} {", ".join(missing)}; '
+            'see --help')
     for name in flags.FLAGS:  # A config that failed to load raises on first use: use it now.
       getattr(flags.FLAGS[name].value, 'keys', None)
     return remaining
+  except BrokenPipeError:  # `--help | head`: the reader stopped reading, which is fine.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # No error again at exit.
+    sys.exit(0)
+  except SystemExit as exit_:
+    # absl's --help prints the usage and exits 1, which reads as a failure.
+    if exit_.code == 1 and _asks_for_help(argv):
+      sys.exit(0)
+    raise
   except Exception as error:  # Config files are user code: anything can go wrong in them.
     _fail(_describe_flag_problem(error))
 

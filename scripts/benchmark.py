@@ -1,8 +1,8 @@
-"""Train/eval images per second, compile time and memory of the MobileNet family on synthetic batches.
+r"""Train/eval images per second, compile time and memory of the MobileNet family on synthetic batches.
 
-  python scripts/benchmark.py --config configs/cifar10.py --width_multipliers=0.25,0.5,1.0 \
+  python3 scripts/benchmark.py --config configs/cifar10.py --width_multipliers=0.25,0.5,1.0 \
       --implementations=xla,shifted --json
-  python scripts/benchmark.py --config configs/cifar10.py \
+  python3 scripts/benchmark.py --config configs/cifar10.py \
       --architectures=mobilenet_v1,mobilenet_v2,mobilenet_v3_small
 
 One row (or, with --json, one JSON line) per combination of the list flags;
@@ -14,16 +14,15 @@ from mobilenet import malloc_tuning
 
 malloc_tuning.reexec_with_tuned_malloc()  # Before JAX allocates (see its docstring).
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags
+from absl import flags  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
 from mobilenet.bench import benchmark
 from mobilenet.training import config_base
 from mobilenet import errors
 
-config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
-flags.mark_flags_as_required(['config'])
+config_flags.DEFINE_config_file('config', None, errors.CONFIG_HELP, lock_config=True)
+errors.mark_required(['config'])
 _IMPLEMENTATIONS = flags.DEFINE_list('implementations', [],
                                      'Depthwise implementations, e.g. xla,shifted,auto.')
 _ARCHITECTURES = flags.DEFINE_list('architectures', [],
@@ -37,10 +36,9 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps; the median is reported.
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object per setting instead of a table.')
 
 
-@errors.exit_on_user_error
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise errors.UserError(f'unexpected arguments {argv[1:]}; pass settings as --config.x=y')
   config = flags.FLAGS.config
   grid = list(benchmark.settings_grid(
       config, architectures=_ARCHITECTURES.value, width_multipliers=[float(v) for v in _WIDTH_MULTIPLIERS.value],
@@ -60,4 +58,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

@@ -1,14 +1,14 @@
 """Prints the examples/s of a config's train and eval input pipelines.
 
-  python scripts/benchmark_input.py --config configs/fashion_mnist.py
-  python scripts/benchmark_input.py --config configs/cifar10.py --num_batches 500
+  python3 scripts/benchmark_input.py --config configs/fashion_mnist.py
+  python3 scripts/benchmark_input.py --config configs/cifar10.py --num_batches 500
 
 A dataset that is not prepared in the data dir (and cannot be had, see
 `input_pipeline.ensure_available`) is measured on TFDS mock data of the same
 shapes, which the output says; --nomock_if_missing turns that into an error.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from mobilenet.training import config_base
@@ -16,7 +16,8 @@ from mobilenet import errors
 from mobilenet.bench import input_benchmark
 from mobilenet.data import input_pipeline
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
+_CONFIG = config_flags.DEFINE_config_file('config', None, errors.CONFIG_HELP)
+errors.mark_required(['config'])
 _NUM_BATCHES = flags.DEFINE_integer('num_batches', 200, 'Batches timed per pipeline, after the first.')
 _MOCK_IF_MISSING = flags.DEFINE_bool(
     'mock_if_missing', True, 'Measure on mock data when the dataset is not available.')
@@ -30,12 +31,9 @@ def _print_rates(config, source: str) -> None:
           f'first batch after {rate.startup_s:.1f} s)', flush=True)
 
 
-@errors.exit_on_user_error
 def main(argv):
   if len(argv) > 1:
     raise errors.UserError(f'unexpected arguments {argv[1:]}; pass settings as --config.x=y')
-  if _CONFIG.value is None:
-    raise errors.UserError('no config given; pass --config configs/<file>.py')
   config = _CONFIG.value
   config_base.validate(config)  # A bad field must not pass for a missing dataset.
   try:
@@ -53,4 +51,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

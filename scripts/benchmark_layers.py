@@ -1,7 +1,7 @@
 """Share of a training step's time per kind of layer (depthwise, pointwise, BatchNorm, ...).
 
-  python scripts/benchmark_layers.py --config configs/cifar10.py --config.model.width_multiplier=0.5
-  python scripts/benchmark_layers.py --config configs/imagenet.py --config.batch_size=256 --json
+  python3 scripts/benchmark_layers.py --config configs/cifar10.py --config.model.width_multiplier=0.5
+  python3 scripts/benchmark_layers.py --config configs/imagenet.py --config.batch_size=256 --json
 
 Times every layer of the configured variant on its own (forward + backward, at
 its shape in the network) and the whole training step, on synthetic inputs;
@@ -14,8 +14,7 @@ from mobilenet import malloc_tuning
 
 malloc_tuning.reexec_with_tuned_malloc()  # Before JAX allocates (see its docstring).
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags
+from absl import flags  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
 from mobilenet.bench import benchmark
@@ -23,18 +22,17 @@ from mobilenet.training import config_base
 from mobilenet import errors
 from mobilenet.bench import layer_timing
 
-config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
-flags.mark_flags_as_required(['config'])
+config_flags.DEFINE_config_file('config', None, errors.CONFIG_HELP, lock_config=True)
+errors.mark_required(['config'])
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed runs after compiling.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed runs; the median is reported.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
 _PER_LAYER = flags.DEFINE_bool('per_layer', False, 'Also print one JSON line per layer.')
 
 
-@errors.exit_on_user_error
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise errors.UserError(f'unexpected arguments {argv[1:]}; pass settings as --config.x=y')
   config = flags.FLAGS.config
   config_base.validate(config)
   setting = next(benchmark.settings_grid(config))
@@ -48,4 +46,4 @@ def main(argv):
   print(json.dumps(summary) if _JSON.value else layer_timing.format_summary(summary), flush=True)
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

@@ -1,9 +1,9 @@
 """Prints the per-layer parameter and mult-add table of a MobileNet variant.
 
-  python scripts/count_params.py --config configs/imagenet.py
-  python scripts/count_params.py --config configs/imagenet.py --config.model.name=mobilenet_v3_small
-  python scripts/count_params.py --config configs/cifar10.py --config.model.width_multiplier=0.5 --json
-  python scripts/count_params.py --example   # the design notes' 5x5x3 -> 4 example
+  python3 scripts/count_params.py --config configs/imagenet.py
+  python3 scripts/count_params.py --config configs/imagenet.py --config.model.name=mobilenet_v3_small
+  python3 scripts/count_params.py --config configs/cifar10.py --config.model.width_multiplier=0.5 --json
+  python3 scripts/count_params.py --example   # the design notes' 5x5x3 -> 4 example
 """
 import json
 
@@ -14,7 +14,7 @@ from mobilenet.training import config_base
 from mobilenet.models import counting
 from mobilenet import errors
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file('config', None, errors.CONFIG_HELP, lock_config=True)
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of the table.')
 _EXAMPLE = flags.DEFINE_bool('example', False, "Print the design notes' standard vs separable example.")
 

@@ -1,7 +1,7 @@
 """Evaluates runs on the whole test split and compares accuracy with parameters and mult-adds.
 
-  python scripts/eval.py --workdir runs/a runs/b
-  python scripts/eval.py --workdir 'runs/sweep/*' --output runs/sweep
+  python3 scripts/eval.py --workdir runs/a runs/b
+  python3 scripts/eval.py --workdir 'runs/sweep/*' --output runs/sweep
 
 Prints a Markdown table sorted by parameters; writes results.csv, results.jsonl,
 accuracy_vs_params.png, accuracy_vs_mult_adds.png and TensorBoard scalars
@@ -23,7 +23,7 @@ _OUTPUT = flags.DEFINE_string('output', None, 'Folder for the results (default: 
                               'parent folder of the workdirs).')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, "TFDS data dir, instead of each run's "
                                 'config.data_dir (when evaluating on another machine).')
-flags.mark_flags_as_required(['workdir'])
+errors.mark_required(['workdir'])
 
 
 def main(argv):

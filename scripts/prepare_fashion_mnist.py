@@ -1,12 +1,12 @@
 """Prepares TFDS's fashion_mnist offline from the Debian package's files.
 
-  python scripts/prepare_fashion_mnist.py --data_dir ~/tensorflow_datasets
+  python3 scripts/prepare_fashion_mnist.py --data_dir ~/tensorflow_datasets
 
 Training does this by itself when fashion_mnist is missing; this script does
-it ahead of time. A second run is a no-op. See mobilenet/fashion_mnist_offline.py.
+it ahead of time. A second run is a no-op. See mobilenet/data/fashion_mnist_offline.py.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from mobilenet import errors
 from mobilenet.data import fashion_mnist_offline
@@ -16,7 +16,6 @@ _SOURCE_DIR = flags.DEFINE_string('source_dir', fashion_mnist_offline.DEBIAN_DIR
                                   'Directory with the four *-ubyte.gz files.')
 
 
-@errors.exit_on_user_error
 def main(argv):
   if len(argv) > 1:
     raise errors.UserError(f'unexpected arguments {argv[1:]}; use --data_dir and --source_dir')
@@ -25,4 +24,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

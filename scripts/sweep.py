@@ -1,11 +1,11 @@
-"""Trains a grid of variants, one workdir each, then compares them (scripts/eval.py's outputs).
+r"""Trains a grid of variants, one workdir each, then compares them (scripts/eval.py's outputs).
 
-  python scripts/sweep.py --config configs/fashion_mnist_width_sweep.py --workdir runs/width \
+  python3 scripts/sweep.py --config configs/fashion_mnist_width_sweep.py --workdir runs/width \
       --sweep model.width_multiplier=0.25,0.5,0.75,1.0
-  python scripts/sweep.py --config configs/default.py --workdir runs/grid \
+  python3 scripts/sweep.py --config configs/default.py --workdir runs/grid \
       --sweep model.width_multiplier=0.25,0.5 --sweep model.resolution=28,20 \
       --config.num_epochs=1
-  python scripts/sweep.py --config configs/fashion_mnist_width_sweep.py --workdir runs/width --dry_run
+  python3 scripts/sweep.py --config configs/fashion_mnist_width_sweep.py --workdir runs/width --dry_run
 
 Several --sweep flags give their product; without one, the config's `sweep`
 field is the grid. Other --config.x=y flags apply to every variant. Rerun the
@@ -24,14 +24,14 @@ from ml_collections import config_flags
 from mobilenet import errors
 from mobilenet.experiments import sweep
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+_CONFIG = config_flags.DEFINE_config_file('config', None, errors.CONFIG_HELP,
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, "The sweep's folder; variants train in "
                                'subfolders named after their overrides.')
 _SWEEP = flags.DEFINE_multi_string('sweep', [], 'field=v1,v2,...: one axis of the grid.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the per-variant commands; run nothing.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Folder for the comparison (default: --workdir).')
-flags.mark_flags_as_required(['config', 'workdir'])
+errors.mark_required(['config', 'workdir'])
 
 
 def main(argv):

@@ -1,7 +1,7 @@
-"""Trains a MobileNetV1 variant from a config file; rerun the same command to resume.
+r"""Trains a MobileNetV1 variant from a config file; rerun the same command to resume.
 
-  python scripts/train.py --config configs/default.py --workdir runs/default
-  python scripts/train.py --config configs/cifar10.py --workdir runs/c10_half \
+  python3 scripts/train.py --config configs/default.py --workdir runs/default
+  python3 scripts/train.py --config configs/cifar10.py --workdir runs/c10_half \
       --config.model.width_multiplier=0.5
 
 Multi-host: pass --distributed on every host (JAX detects Cloud TPU, SLURM and
@@ -19,14 +19,14 @@ from ml_collections import config_flags
 from mobilenet import errors
 from mobilenet.training import parallel, train
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+_CONFIG = config_flags.DEFINE_config_file('config', None, errors.CONFIG_HELP,
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for checkpoints and metrics.')
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'Join a multi-host run (jax.distributed).')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-host run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1.')
-flags.mark_flags_as_required(['config', 'workdir'])
+errors.mark_required(['config', 'workdir'])
 
 
 def main(argv):

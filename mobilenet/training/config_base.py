@@ -5,6 +5,10 @@ experiment needs, so sweeps, tools and the trainer can rely on one schema.
 Every number a researcher may change lives here; `validate` rejects bad
 values with a one-line `UserError` before any work starts.
 """
+import importlib.util
+import pathlib
+import types
+
 import ml_collections
 
 from mobilenet.errors import UserError
@@ -16,6 +20,20 @@ ACTIVATIONS = ('relu', 'relu6')
 DTYPES = ('float32', 'bfloat16')
 OPTIMIZERS = ('sgd', 'rmsprop', 'adamw')
 SCHEDULES = ('constant', 'cosine', 'exponential')
+
+
+def sibling_config(config_file: str, name: str) -> types.ModuleType:
+  """Imports the config file `name`.py from the folder of `config_file` (its __file__).
+
+  For configs that build on another: config files are loaded by path, not as a
+  package, so `from configs import default` would work only where the
+  repository's root happens to be on sys.path (not for `python3 scripts/X.py`).
+  """
+  path = pathlib.Path(config_file).with_name(f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'mobilenet_config_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def base_config() -> ml_collections.ConfigDict:

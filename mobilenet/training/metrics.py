@@ -1,8 +1,12 @@
 """Where metrics go: <workdir>/metrics.jsonl, TensorBoard event files, the console.
 
-Only process 0 writes; every record carries `step`.
+Only process 0 writes; every record carries `step`. The console gets a progress
+bar (or log lines), a line before and after each slow first call (compiling),
+and one summary at the end of a run.
 """
+import contextlib
 import json
+import os
 import pathlib
 import sys
 import time
@@ -47,34 +51,77 @@ class MetricWriter:
       self._summary.close()
 
 
+# Narrower than this, a bar with its metrics wraps and redraws as new lines;
+# a terminal that reports 0 columns (some containers, CI) draws no bar at all.
+MIN_BAR_COLUMNS = 60
+
+
+def terminal_columns() -> int:
+  """The width of the terminal on stderr; 0 when it is not one or reports none."""
+  try:
+    return os.get_terminal_size(sys.stderr.fileno()).columns
+  except (OSError, ValueError):
+    return 0
+
+
 class Progress:
-  """A progress bar with rate and ETA on a terminal; plain periodic log lines otherwise."""
+  """A progress bar with rate and ETA on a terminal; plain periodic log lines otherwise.
+
+  The rate counts training only: it starts after the first step (compiling)
+  and leaves out what runs inside `paused()` (eval).
+  """
 
   def __init__(self, total_steps: int, initial_step: int, batch_size: int):
     self._total = total_steps
     self._batch_size = batch_size
+    self._active = jax.process_index() == 0
+    self._use_bar = (self._active and sys.stderr.isatty()
+                     and terminal_columns() >= MIN_BAR_COLUMNS)
     self._bar = None
-    if sys.stderr.isatty() and jax.process_index() == 0:
-      import tqdm  # Imported here: only a terminal needs it.
-      self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit='step',
-                            dynamic_ncols=True, smoothing=0.1)
     self._last_step = initial_step
     self._report_step = initial_step
-    self._report_time = time.perf_counter()
+    self._report_time = None  # Set by the first advance, once the first step is compiled.
 
   def advance(self, step: int) -> None:
     """Moves the bar to `step` (cheap: call every step)."""
-    if self._bar is not None:
+    if self._report_time is None:
+      self._report_time, self._report_step = time.perf_counter(), step
+      if self._use_bar:
+        import tqdm  # Imported here: only a terminal needs it.
+        self._bar = tqdm.tqdm(total=self._total, initial=step, unit='step', dynamic_ncols=True,
+                              smoothing=0.1, file=sys.stderr)
+    elif self._bar is not None:
       self._bar.update(step - self._last_step)
     self._last_step = step
+
+  @contextlib.contextmanager
+  def paused(self, pending=None):
+    """Leaves the time spent inside out of the rate and ETA (for eval).
+
+    `pending`: arrays of the training steps dispatched so far (the state),
+    waited for first, since they run asynchronously: their time is training's.
+    """
+    if pending is not None:
+      jax.block_until_ready(pending)
+    start = time.perf_counter()
+    if self._bar is not None:
+      self._bar.clear()  # So that log lines written meanwhile start on a line of their own.
+    try:
+      yield
+    finally:
+      if self._report_time is not None:
+        self._report_time += time.perf_counter() - start
+      if self._bar is not None:
+        self._bar.unpause()
+        self._bar.refresh()
 
   def report(self, step: int, summary: str) -> None:
     """Shows the latest metrics: on the bar, or as one log line with rate and ETA."""
     self.advance(step)
     if self._bar is not None:
       self._bar.set_postfix_str(summary, refresh=True)
-    elif jax.process_index() == 0:
-      now = time.perf_counter()  # The rate since the last report: compiling is not in it.
+    elif self._active:
+      now = time.perf_counter()  # The rate since the last report.
       elapsed = now - self._report_time
       rate = (step - self._report_step) / elapsed if elapsed > 0 else 0.0
       self._report_time, self._report_step = now, step
@@ -86,6 +133,70 @@ class Progress:
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
+
+
+def log_first_call(fn, what: str, expected: str):
+  """Wraps `fn` (a jitted function) to log before and after its first call.
+
+  The first call traces and compiles, which takes from seconds to minutes
+  with nothing to show; after it, this waits for the result, so the log also
+  says how long the first run took.
+  """
+  called = False
+
+  def wrapped(*args, **kwargs):
+    nonlocal called
+    if called:
+      return fn(*args, **kwargs)
+    called = True
+    if jax.process_index() == 0:
+      logging.info('Compiling %s (%s)...', what, expected)
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    compiled = time.perf_counter()
+    jax.block_until_ready(result)
+    if jax.process_index() == 0:
+      logging.info('Compiled %s in %.1f s; its first run took %.2f s', what, compiled - start,
+                   time.perf_counter() - compiled)
+    return result
+
+  return wrapped
+
+
+def _shown_path(path: str | pathlib.Path) -> str:
+  """`path` relative to the current folder when it is inside it (shorter to copy)."""
+  path = pathlib.Path(path).absolute()
+  try:
+    return str(path.relative_to(pathlib.Path.cwd()))
+  except ValueError:
+    return str(path)
+
+
+def _interpreter() -> str:
+  """How to call this Python again: the virtual environment's, else python3."""
+  return _shown_path(sys.executable) if sys.prefix != sys.base_prefix else 'python3'
+
+
+def run_summary(workdir: str | pathlib.Path, results: dict[str, float], wall_seconds: float,
+                start_step: int, num_steps: int) -> str:
+  """The lines that end a run: accuracy, size, time, where its outputs are, what to run next."""
+  workdir = _shown_path(workdir)
+  scripts = _shown_path(pathlib.Path(__file__).parents[2] / 'scripts')
+  python = _interpreter()
+  tensorboard = (os.path.join(os.path.dirname(python), 'tensorboard') if python != 'python3'
+                 else 'tensorboard')
+  resumed = f', resumed at step {start_step:,}' if start_step else ''
+  return '\n'.join([
+      f'Run finished: test top-1 {100 * results["top1"]:.2f}%, top-5 {100 * results["top5"]:.2f}% '
+      f'on {int(results["examples"]):,} examples after {num_steps:,} steps; '
+      f'{int(results["params"]):,} parameters, {int(results["mult_adds"]):,} mult-adds per '
+      f'image; wall time {format_seconds(wall_seconds)}{resumed}.',
+      f'  checkpoints  {os.path.join(workdir, "checkpoints")}',
+      f'  metrics      {os.path.join(workdir, "metrics.jsonl")} (one JSON object per line)',
+      f'  TensorBoard  {tensorboard} --logdir {os.path.join(workdir, "tensorboard")}',
+      f'  next         {python} {os.path.join(scripts, "eval.py")} --workdir {workdir}'
+      '   # accuracy table, CSV and plots vs parameters and mult-adds',
+  ])
 
 
 def format_seconds(seconds: float) -> str:

@@ -31,6 +31,9 @@ ARCHITECTURE_FIELDS = ('dataset', 'model', 'optimizer.name')
 # How the same function is computed: a resumed run may change these, and runs
 # recorded before a field existed compare as if they had its default.
 IMPLEMENTATION_FIELDS = {'model': ('depthwise_implementation', 'fused_inference', 'ops')}
+# What the log promises while a step compiles (measured: 4-5 s for the default
+# config on 2 cores).
+_COMPILE_TIME = 'once per run; seconds for small models, up to minutes for large ones'
 
 
 def _config_value(config: ml_collections.ConfigDict | dict, dotted: str):
@@ -133,6 +136,7 @@ class NonFiniteLoss(Exception):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) the run in `workdir` to the end; returns the final eval metrics."""
+  started = time.perf_counter()
   config_base.validate(config)
   parallel.check_batch_size(config.batch_size, 'batch_size')
   parallel.check_batch_size(config.eval_batch_size, 'eval_batch_size')
@@ -157,7 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpoints = checkpointing.Checkpoints(workdir / 'checkpoints', config.keep_checkpoints)
   state = checkpoints.restore_latest(checkpointing.abstract_like(jax.eval_shape(init), replicated))
   if state is None:
-    state = init()
+    state = metrics.log_first_call(init, 'the model initialization', 'seconds')()
   start_step = int(state.step)
 
   writer = metrics.MetricWriter(workdir)
@@ -171,16 +175,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                num_steps, steps_per_epoch, jax.device_count(), jax.process_count(),
                f'resuming at step {start_step}' if start_step else 'starting')
 
-  train_fn = jax.jit(
+  train_fn = metrics.log_first_call(jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config),
       in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
-      donate_argnums=0)
+      donate_argnums=0), 'the training step', _COMPILE_TIME)
   apply_fn, eval_path = fused_inference.eval_apply(model, config.model.fused_inference)
   logging.info(eval_path)
-  eval_fn = jax.jit(
+  eval_fn = metrics.log_first_call(jax.jit(
       functools.partial(eval_step, apply_fn=apply_fn, config=config,
                         use_ema=config.ema_decay > 0),
-      in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+      in_shardings=(replicated, batch_sharding), out_shardings=replicated),
+      'the eval step', _COMPILE_TIME)
   eval_every = steps_per_epoch if config.eval_every_steps == -1 else config.eval_every_steps
   log_every = config.log_every_steps if config.log_every_steps > 0 else 100
   checkpoint_every = (config.checkpoint_every_steps if config.checkpoint_every_steps > 0
@@ -214,7 +219,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         'resume', step, workdir)
         return {}
       if last or step % eval_every == 0:
-        eval_metrics = evaluate(state, eval_fn, config, batch_sharding)
+        with progress.paused(state):
+          eval_metrics = evaluate(state, eval_fn, config, batch_sharding)
         writer.write(step, 'eval', eval_metrics)
         logging.info('eval at step %d: top-1 %.4f top-5 %.4f loss %.4f (%d examples)', step,
                      eval_metrics['top1'], eval_metrics['top5'], eval_metrics['loss'],
@@ -233,4 +239,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     progress.close()
     checkpoints.close()
     writer.close()
-  return {**eval_metrics, **{key: float(value) for key, value in model_counts.items()}}
+  results = {**eval_metrics, **{key: float(value) for key, value in model_counts.items()}}
+  if jax.process_index() == 0:
+    logging.info('%s', metrics.run_summary(workdir, results, time.perf_counter() - started,
+                                           start_step, num_steps))
+  return results

@@ -18,11 +18,13 @@ import pathlib
 import shutil
 import subprocess
 import tempfile
+import time
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 _HERE = pathlib.Path(__file__).parent
 SOURCES = (_HERE / 'depthwise_cpu.cc', _HERE / 'batch_norm_cpu.cc', _HERE / 'convolution_cpu.cc',
@@ -71,6 +73,10 @@ def build() -> pathlib.Path:
   if compiler is None:
     raise RuntimeError('no C++ compiler (g++) found to build the CPU kernels')
   library.parent.mkdir(parents=True, exist_ok=True)
+  # A minute of silence would look like a hang: say what runs and for how long.
+  logging.info('Building the C++ CPU kernels with %s (once per machine and version; about '
+               '20-80 s, longer on a busy machine) into %s ...', compiler, library)
+  start = time.perf_counter()
   # Build beside the target and rename, so concurrent builds never load a half-written file.
   with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
     partial = pathlib.Path(tmp) / library.name
@@ -78,6 +84,7 @@ def build() -> pathlib.Path:
                     f'-I{jax.ffi.include_dir()}', *map(str, SOURCES), '-o', str(partial),
                     '-lpthread'], check=True, capture_output=True)
     os.replace(partial, library)
+  logging.info('Built the C++ CPU kernels in %.0f s', time.perf_counter() - start)
   return library
 
 
@@ -88,7 +95,11 @@ def error() -> Optional[str]:
     library = ctypes.cdll.LoadLibrary(str(build()))
   except (OSError, RuntimeError, subprocess.CalledProcessError) as failure:
     detail = getattr(failure, 'stderr', b'') or b''
-    return f'{failure} {detail.decode(errors="replace")[-500:]}'.strip()
+    reason = f'{failure} {detail.decode(errors="replace")[-500:]}'.strip()
+    # Once, not silently: everything still works, only slower on the CPU.
+    logging.warning('The C++ CPU kernels are unavailable; on the CPU, XLA\'s slower code runs '
+                    'instead (install g++: apt-get install g++): %s', reason)
+    return reason
   for target, symbol in TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                 platform='cpu')
