@@ -38,7 +38,9 @@ def test_fast_ops_equal_plain_ops(name):
                              jax.jit(plain.apply)(variables, images), rtol=1e-4, atol=1e-5)
   (want_loss, (want_logits, want_stats)), want_grads = loss_and_grads(plain, variables, images)
   (have_loss, (have_logits, have_stats)), have_grads = loss_and_grads(fast, variables, images)
-  np.testing.assert_allclose(have_logits, want_logits, rtol=1e-4, atol=1e-5)
+  # Batch statistics of 4 examples through 14-20 layers amplify summation-order differences.
+  np.testing.assert_allclose(have_logits, want_logits, rtol=1e-4,
+                             atol=2e-4 * float(jnp.max(jnp.abs(want_logits))))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                have_stats, want_stats)
   scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(want_grads))
