@@ -214,6 +214,9 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
   def restore_latest(self, abstract_state):
     """The newest intact checkpoint (shapes, dtypes, shardings from `abstract_state`), or None.
 
