@@ -4,8 +4,10 @@ Orbax writes each checkpoint to a temporary folder and renames it when it is
 complete, so `kill -9` at any moment leaves at worst an unfinished temporary
 folder, which is ignored. Orbax stores no checksum of the arrays, and an
 altered chunk decodes without error, so before that rename we write
-`checksums.sha256` (sha256sum's format) over every file of the state; a
-checkpoint is restored only after all of them match. One that does not (a
+`checksums.sha256` (sha256sum's format) over every file of the state, and
+once the save is done (at the next save, wait or close) over Orbax's step
+bookkeeping too, which it rewrites as it commits. A checkpoint is restored
+only after all of them match. One that does not (a
 truncated, altered or missing file, or no manifest) is moved aside to
 `checkpoints/damaged/` with a warning, never deleted, and the one before it
 is used; the run can then save that step again.
@@ -62,17 +64,21 @@ def _sha256(path: pathlib.Path) -> str:
   return digest.hexdigest()
 
 
-def _state_files(step_folder: pathlib.Path) -> list[str]:
-  """Every file of a step folder except the manifest and Orbax's step bookkeeping."""
+def _files(step_folder: pathlib.Path, bookkeeping: bool = True) -> list[str]:
+  """Every file of a step folder but the manifest (and Orbax's bookkeeping, unless asked)."""
+  skip = (MANIFEST_FILE,) if bookkeeping else (MANIFEST_FILE, *_STEP_BOOKKEEPING)
   return sorted(str(path.relative_to(step_folder)) for path in step_folder.rglob('*')
-                if path.is_file() and str(path.relative_to(step_folder)) not in
-                (MANIFEST_FILE, *_STEP_BOOKKEEPING))
+                if path.is_file() and str(path.relative_to(step_folder)) not in skip)
 
 
-def write_manifest(step_folder: str | pathlib.Path) -> None:
-  """Writes checksums.sha256 (`sha256sum -c` reads it) over the state's files, atomically."""
+def write_manifest(step_folder: str | pathlib.Path, bookkeeping: bool = True) -> None:
+  """Writes checksums.sha256 (`sha256sum -c` reads it) over the folder's files, atomically.
+
+  Without `bookkeeping`, Orbax's step files (not yet final) are left out.
+  """
   step_folder = pathlib.Path(step_folder)
-  lines = [f'{_sha256(step_folder / name)}  {name}\n' for name in _state_files(step_folder)]
+  lines = [f'{_sha256(step_folder / name)}  {name}\n'
+           for name in _files(step_folder, bookkeeping)]
   temporary = step_folder / (MANIFEST_FILE + '.tmp')
   with open(temporary, 'w', encoding='utf-8') as f:
     f.writelines(lines)
@@ -99,11 +105,11 @@ def verify(step_folder: str | pathlib.Path) -> str | None:
         return f'{name} is missing'
       if _sha256(step_folder / name) != digest:
         return f'{name} does not match its checksum'
-    extra = sorted(set(_state_files(step_folder)) - set(expected))
+    extra = sorted(set(_files(step_folder)) - set(expected) - set(_STEP_BOOKKEEPING))
     if extra:
       return f'{extra[0]} is not in {MANIFEST_FILE}'
     metadata = step_folder / _STEP_BOOKKEEPING[0]
-    if metadata.exists():
+    if _STEP_BOOKKEEPING[0] not in expected and metadata.exists():  # The newest, not yet sealed.
       json.loads(metadata.read_text(encoding='utf-8'))
   except (OSError, ValueError) as error:  # An unreadable or garbled manifest or metadata file.
     return f'{type(error).__name__}: {" ".join(str(error).split())[:200]}'
@@ -142,6 +148,7 @@ class Checkpoints:
     self._directory = pathlib.Path(directory).absolute()
     self._read_only = read_only
     self._writing = None  # The step being written asynchronously, for its manifest.
+    self._sealed = None  # The last step whose manifest covers Orbax's bookkeeping too.
     self._failed = False  # A write failed and was reported: close() must not raise it again.
     self._manager = ocp.CheckpointManager(
         self._directory,
@@ -160,7 +167,7 @@ class Checkpoints:
     candidates = [path for path in self._directory.iterdir()
                   if path.name == str(step) or path.name.startswith(f'{step}{_TMP_MARKER}')]
     for folder in candidates:
-      write_manifest(folder)
+      write_manifest(folder, bookkeeping=False)
 
   def _check_can_write(self, step: int, state) -> None:
     """Fails in milliseconds, naming the problem, where Orbax would print tracebacks or hang."""
@@ -281,6 +288,19 @@ class Checkpoints:
       self._manager.wait_until_finished()
     except Exception as error:  # The asynchronous write failed: report it once, as one line.
       raise self._write_failed(self._writing, error) from None
+    self._seal(self._writing)
+
+  def _seal(self, step: int | None) -> None:
+    """Extends a committed checkpoint's manifest to Orbax's (now final) bookkeeping files."""
+    if step is None or step == self._sealed or jax.process_index() != 0:
+      return
+    folder = self._directory / str(step)
+    try:
+      if folder.is_dir() and verify(folder) is None:  # Damage since the commit is not sealed in.
+        write_manifest(folder)
+    except OSError as error:
+      raise self._write_failed(step, error) from None
+    self._sealed = step
 
   def close(self) -> None:
     try:
