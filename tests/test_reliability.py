@@ -236,6 +236,14 @@ def test_resume_refuses_state_and_data_changes_and_accepts_implementation_change
   assert [entry['config_json'] for entry in history] == [saved]  # The replaced one is kept.
 
 
+@pytest.fixture(scope='module')
+def one_step_run(fashion_mnist_data_dir, tmp_path_factory) -> pathlib.Path:
+  """A finished one-step run, trained once for the tests that copy it."""
+  workdir = tmp_path_factory.mktemp('one_step') / 'run'
+  train.train_and_evaluate(tiny_config(fashion_mnist_data_dir, num_train_steps=1), str(workdir))
+  return workdir
+
+
 @pytest.mark.parametrize('overrides,named', [
     ({'batch_size': 100_000}, 'batch_size'),
     ({'model.width_multiplier': float('inf')}, 'config.model.width_multiplier'),
@@ -245,9 +253,9 @@ def test_resume_refuses_state_and_data_changes_and_accepts_implementation_change
 ], ids=['batch over the split', 'infinite width', 'huge width', 'huge resolution',
         'more memory than the machine'])
 def test_refused_input_leaves_an_existing_run_and_a_new_path_untouched(
-    overrides, named, fashion_mnist_data_dir, tmp_path):
+    overrides, named, one_step_run, fashion_mnist_data_dir, tmp_path):
   existing = tmp_path / 'run'
-  train.train_and_evaluate(tiny_config(fashion_mnist_data_dir, num_train_steps=1), str(existing))
+  shutil.copytree(one_step_run, existing)
   before = tree_snapshot(existing)
   for workdir in (existing, tmp_path / 'new' / 'run'):
     started = time.perf_counter()
