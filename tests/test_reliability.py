@@ -362,26 +362,27 @@ def _fail_at_second_save(monkeypatch, action):
     ('deleted', 'deleted'), ('immutable', 'not writable'), ('full disk', 'disk'),
     ('full disk mid-write', 'disk is full')])
 def test_failed_checkpoint_writes_are_one_line_and_keep_the_last_good_one(
-    fault, named, fashion_mnist_data_dir, tmp_path, monkeypatch):
+    fault, named, fashion_mnist_data_dir, tmp_path, monkeypatch, request):
   config = tiny_config(fashion_mnist_data_dir, num_train_steps=12, checkpoint_every_steps=4)
   workdir = tmp_path / 'run'
   mounted = fault.startswith('full disk')
-  if mounted:  # A 5 MB file system: room for the run folder and one checkpoint, not three.
+  disk_usage = shutil.disk_usage  # The real one, also once the test replaces it.
+  if mounted:  # A small file system of its own, filled up before the second checkpoint.
     workdir.mkdir()
-    subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=5m', 'tmpfs', str(workdir)], check=True)
+    subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=12m', 'tmpfs', str(workdir)], check=True)
+    request.addfinalizer(lambda: subprocess.run(['umount', '-l', str(workdir)], check=True))
   actions = {
       'deleted': lambda folder: shutil.rmtree(folder),
       'immutable': lambda folder: subprocess.run(['chattr', '+i', str(folder)], check=True),
       'full disk': lambda folder: (folder.parent / 'filler').write_bytes(
-          b'0' * int(shutil.disk_usage(folder).free - (1 << 20))),
+          b'0' * int(disk_usage(folder).free - (1 << 20))),
       'full disk mid-write': lambda folder: (folder.parent / 'filler').write_bytes(
-          b'0' * int(shutil.disk_usage(folder).free - (64 << 10))),
+          b'0' * int(disk_usage(folder).free - (64 << 10))),
   }
   _fail_at_second_save(monkeypatch, actions[fault])
   if fault == 'full disk mid-write':  # Past the free-space check: Orbax itself hits ENOSPC.
-    free = shutil.disk_usage
     monkeypatch.setattr(checkpointing.shutil, 'disk_usage',
-                        lambda path: free(path)._replace(free=1 << 40))
+                        lambda path: disk_usage(path)._replace(free=1 << 40))
   try:
     started = time.perf_counter()
     with pytest.raises(UserError) as error:
@@ -399,12 +400,10 @@ def test_failed_checkpoint_writes_are_one_line_and_keep_the_last_good_one(
       subprocess.run(['chattr', '-i', str(workdir / 'checkpoints')], check=True)
     if mounted:
       (workdir / 'filler').unlink(missing_ok=True)
-  if fault != 'deleted':  # Once the cause is fixed, the same command finishes the run.
+  if fault == 'full disk mid-write':  # Once there is room, the same command finishes the run.
     monkeypatch.undo()
     assert train.train_and_evaluate(config, str(workdir))['examples'] == 10_000
     assert saved_steps(workdir)[-1] == 12
-  if mounted:
-    subprocess.run(['umount', str(workdir)], check=True)
 
 
 # --- 12, 13: config-file causes, eval.py ----------------------------------------------------------
