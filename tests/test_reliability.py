@@ -336,9 +336,10 @@ def test_a_second_trainer_is_refused_and_a_killed_ones_lock_does_not_block(
     process.kill()
   # The killed trainer's lock file is still there; the kernel released its lock.
   assert (workdir / run_folder.LOCK_FILE).exists()
-  resumed = tiny_config(fashion_mnist_data_dir, num_train_steps=saved_steps(workdir)[-1] + 2,
-                        checkpoint_every_steps=50, log_every_steps=10)
-  train.train_and_evaluate(resumed, str(workdir))
+  end = (saved_steps(workdir) or [0])[-1] + 2
+  train.train_and_evaluate(tiny_config(fashion_mnist_data_dir, num_train_steps=end,
+                                       checkpoint_every_steps=50, log_every_steps=10), str(workdir))
+  assert saved_steps(workdir)[-1] == end
 
 
 # --- 11: checkpoint writes that fail -------------------------------------------------------------
