@@ -123,6 +123,18 @@ def test_no_intact_checkpoint_is_refused_and_nothing_is_moved(tmp_path):
   assert tree_snapshot(tmp_path) == before
 
 
+def test_an_intact_checkpoint_of_another_state_is_refused_naming_the_fix(tmp_path):
+  _tiny_checkpoint(tmp_path / 'checkpoints')
+  other = checkpointing.abstract_like(
+      {'w': np.zeros(8192, np.float32), 'b': {'s': np.zeros((7, 3), np.float32)}},
+      jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  checkpoints = checkpointing.Checkpoints(tmp_path / 'checkpoints')
+  with pytest.raises(UserError, match='intact but does not fit') as error:
+    checkpoints.restore_latest(other)
+  checkpoints.close()
+  assert '\n' not in str(error.value) and saved_steps(tmp_path) == [1]
+
+
 # --- 2: the divergence guard ---------------------------------------------------------------------
 
 @pytest.mark.parametrize('overrides', [
@@ -151,6 +163,25 @@ def test_divergence_keeps_only_a_state_that_is_finite_and_evaluates(overrides,
   # A rerun with a sane learning rate resumes from what was kept and finishes.
   config.optimizer.learning_rate = 0.1
   assert train.train_and_evaluate(config, str(workdir))['examples'] == 10_000
+
+
+def test_eval_reports_a_state_with_non_finite_statistics_as_diverged(one_step_run, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(one_step_run, workdir)
+  state = saved_state(workdir, 1)
+  state['batch_stats'] = jax.tree.map(lambda leaf: np.full_like(leaf, np.nan),
+                                      state['batch_stats'])
+  checkpoints = checkpointing.Checkpoints(workdir / 'checkpoints', keep=3)
+  checkpoints.save(2, state)  # As the unguarded trainer used to keep it (issue 15).
+  checkpoints.close()
+  row = evaluate.evaluate_run(str(workdir), train.parallel.create_mesh())
+  assert row.status.startswith('diverged') and row.step == 2 and row.top1 is None
+  evaluate.write_records([row], tmp_path)
+
+  def no_nan(text):
+    raise AssertionError(f'{text} in results.jsonl')
+
+  assert json.loads((tmp_path / 'results.jsonl').read_text(), parse_constant=no_nan)['loss'] is None
 
 
 # --- 3 and 4: kill -9 leaves each (split, step) once and the final eval row ---------------------
@@ -408,6 +439,15 @@ def test_failed_checkpoint_writes_are_one_line_and_keep_the_last_good_one(
 
 
 # --- 12, 13: config-file causes, eval.py ----------------------------------------------------------
+
+def test_count_params_refuses_an_infinite_width_with_one_line():
+  result = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'count_params.py'), '--config',
+                           'configs/default.py', '--config.model.width_multiplier=inf'],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert result.returncode == EXIT_CODE and 'Traceback' not in result.stderr
+  lines = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+  assert len(lines) == 1 and 'config.model.width_multiplier=inf' in lines[0]
+
 
 def test_config_file_errors_keep_their_cause(tmp_path):
   result = subprocess.run([sys.executable, TRAIN_SCRIPT, '--config', 'configs/cifar10.py:abc',
