@@ -171,6 +171,7 @@ def test_eval_reports_a_state_with_non_finite_statistics_as_diverged(one_step_ru
   state = saved_state(workdir, 1)
   state['batch_stats'] = jax.tree.map(lambda leaf: np.full_like(leaf, np.nan),
                                       state['batch_stats'])
+  state['step'] = np.asarray(2, state['step'].dtype)
   checkpoints = checkpointing.Checkpoints(workdir / 'checkpoints', keep=3)
   checkpoints.save(2, state)  # As the unguarded trainer used to keep it (issue 15).
   checkpoints.close()
