@@ -1,4 +1,4 @@
-"""A run folder survives damaged checkpoints, failed writes, divergence, kills, concurrent and changed runs.
+"""The run folder survives damaged checkpoints, failed writes, divergence, kills, concurrent runs.
 
 Each test injects its fault into a folder under tmp_path (issue 15).
 """

@@ -31,7 +31,7 @@ DIVERGED_FOLDER = 'diverged'
 
 
 def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> pathlib.Path:
-  """Checks, then creates, the workdir, locks it and records the config; refuses a mismatched resume.
+  """Checks, creates and locks the workdir and records the config; refuses a mismatched resume.
 
   Checks come first, so that bad input leaves an existing workdir untouched;
   the lock (held until `run_folder.release_lock`) keeps a second trainer out.
