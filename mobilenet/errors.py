@@ -54,7 +54,13 @@ def _describe_flag_problem(error: Exception) -> str:
     return (f'the config file {error.filename} has a syntax error at line {error.lineno} '
             f'({error.msg}); fix the file')
   if isinstance(error, flags.Error):
-    text = str(error).splitlines()[0]
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0]
+    if 'Traceback (most recent call last):' in lines:
+      # ml_collections puts the config file's own exception in the message as a traceback:
+      # keep its last line (the cause) and the config file's frame (where).
+      frames = [line for line in lines if line.startswith('File ') and 'ml_collections' not in line]
+      text = f'{text.rstrip(":;")}: {lines[-1]}' + (f' ({frames[-1]})' if frames else '')
     return f'{text}; see --helpfull for the flags and the config file for its fields'
   if isinstance(error, (AttributeError, KeyError)):
     return (f'an override names a field the config does not have ({error}); check the '

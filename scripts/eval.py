@@ -28,8 +28,12 @@ errors.mark_required(['workdir'])
 
 def main(argv):
   # Shell-expanded globs arrive as extra arguments after the first --workdir value.
-  table, _ = evaluate.evaluate_runs(_WORKDIR.value + argv[1:], _OUTPUT.value, _DATA_DIR.value)
+  table, results = evaluate.evaluate_runs(_WORKDIR.value + argv[1:], _OUTPUT.value,
+                                          _DATA_DIR.value)
   print(table)
+  if not any(result.top1 is not None for result in results):
+    raise errors.UserError(f'none of the {len(results)} workdirs could be evaluated (see the '
+                           'status column); check the paths and that the runs have checkpoints')
 
 
 if __name__ == '__main__':

@@ -152,6 +152,27 @@ def _host_reachable(url: str) -> bool:
   return connected.wait(NETWORK_PROBE_TIMEOUT_S)
 
 
+def _check_local_data_dir(data_dir: str | None, writing: bool = False) -> None:
+  """A local data dir that is a file, or (to prepare the data) not writable, as one line.
+
+  TFDS would raise NotADirectoryError or EROFS from deep inside; gs:// paths
+  and TFDS's default are left to TFDS.
+  """
+  if not data_dir or '://' in data_dir:
+    return
+  path = os.path.abspath(os.path.expanduser(data_dir))
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise UserError(f'config.data_dir={data_dir!r}: {existing} is a file, not a folder; pass '
+                    '--config.data_dir=<a folder>')
+  if writing and not os.access(existing, os.W_OK | os.X_OK):
+    raise UserError(f'config.data_dir={data_dir!r} does not hold the dataset and {existing} is '
+                    'not writable (a read-only file system or folder), so it cannot be prepared '
+                    'there; pass --config.data_dir=<a writable folder> or prepare it elsewhere')
+
+
 def ensure_available(config) -> None:
   """Makes sure the dataset is prepared in the data dir, or fails fast.
 
@@ -162,9 +183,11 @@ def ensure_available(config) -> None:
   `UserError` (TFDS's own downloader would retry for minutes offline).
   """
   _spec(config)
+  _check_local_data_dir(config.data_dir)
   builder = _builder(config)
   if builder.is_prepared():
     return
+  _check_local_data_dir(config.data_dir, writing=True)
   if (config.dataset == 'fashion_mnist'
       and fashion_mnist_offline.debian_files_available()):
     fashion_mnist_offline.prepare(config.data_dir)

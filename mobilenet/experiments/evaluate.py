@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import glob
 import json
+import math
 import os
 import pathlib
 import re
@@ -164,8 +165,11 @@ def evaluate_run(workdir: str, mesh, data_dir: str | None = None) -> RunResult:
                     in_shardings=(replicated, parallel.batch_sharding(mesh)),
                     out_shardings=replicated)
   scores = train.evaluate(state, eval_fn, config, parallel.batch_sharding(mesh))
-  result.top1, result.top5, result.loss = scores['top1'], scores['top5'], scores['loss']
   result.examples = int(scores['examples'])
+  if not math.isfinite(scores['loss']):  # NaN is not JSON, and its accuracy is chance.
+    result.status = 'diverged: the eval loss is NaN or infinite'
+    return result
+  result.top1, result.top5, result.loss = scores['top1'], scores['top5'], scores['loss']
   return result
 
 
@@ -284,6 +288,10 @@ def evaluate_runs(workdirs: list[str], output_dir: str | None = None,
   if not workdirs:
     raise UserError('no workdirs given; pass --workdir runs/a [runs/b ...] or a glob')
   output = pathlib.Path(output_dir or default_output_dir(workdirs))
+  if output_dir is None and not output.is_dir():
+    # A typo'd --workdir must not create folders: only an explicit --output is created.
+    raise UserError(f'--workdir {workdirs[0]}: no such folder (and so no {output} to write the '
+                    'results to); check the path, or pass --output <folder>')
   output.mkdir(parents=True, exist_ok=True)
   mesh = parallel.create_mesh()
   results = []

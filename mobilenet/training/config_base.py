@@ -20,6 +20,9 @@ ACTIVATIONS = ('relu', 'relu6')
 DTYPES = ('float32', 'bfloat16')
 OPTIMIZERS = ('sgd', 'rmsprop', 'adamw')
 SCHEDULES = ('constant', 'cosine', 'exponential')
+# Beyond any MobileNet anyone trains (16384 channels; 4096 px): a typo, refused before counting.
+MAX_WIDTH_MULTIPLIER = 16.0
+MAX_RESOLUTION = 4096
 
 
 def sibling_config(config_file: str, name: str) -> types.ModuleType:
@@ -156,6 +159,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
            'must be > 0 (the paper uses 1.0, 0.75, 0.5, 0.25)')
   _require(model.resolution >= 8, 'model.resolution', model.resolution,
            'must be at least 8 pixels (the paper uses 224, 192, 160, 128)')
+  _require(model.width_multiplier <= MAX_WIDTH_MULTIPLIER, 'model.width_multiplier',
+           model.width_multiplier, f'must be at most {MAX_WIDTH_MULTIPLIER:g}')
+  _require(model.resolution <= MAX_RESOLUTION, 'model.resolution', model.resolution,
+           f'must be at most {MAX_RESOLUTION} pixels')
   _require(model.num_classes >= 2, 'model.num_classes', model.num_classes, 'must be at least 2')
   _require(model.min_channels >= 1, 'model.min_channels', model.min_channels, 'must be >= 1')
   _require(0 <= model.dropout_rate < 1, 'model.dropout_rate', model.dropout_rate,

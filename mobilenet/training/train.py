@@ -7,7 +7,6 @@ checkpoint, including the data position, since batch k is a pure function of
 (config.seed, k) (input_pipeline.py) and so is the dropout key (train_step.py).
 """
 import functools
-import json
 import os
 import pathlib
 import signal
@@ -18,39 +17,28 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mobilenet.training import checkpointing, config_base, metrics, optim, parallel
+from mobilenet.training import (checkpointing, config_base, memory, metrics, optim, parallel,
+                                 run_folder)
 from mobilenet.models import counting
 from mobilenet.errors import UserError
 from mobilenet.models import fused_inference
 from mobilenet.models.mobilenet import create_model
-from mobilenet.training.train_step import TrainState, create_train_state, eval_step, train_step
+from mobilenet.training.train_step import (DIVERGENCE_REASONS, TrainState, create_train_state,
+                                           eval_step, train_step)
 
-CONFIG_FILE = 'config.json'
-# Config sections that decide the shape of the state: a workdir's run cannot change them.
-ARCHITECTURE_FIELDS = ('dataset', 'model', 'optimizer.name')
-# How the same function is computed: a resumed run may change these, and runs
-# recorded before a field existed compare as if they had its default.
-IMPLEMENTATION_FIELDS = {'model': ('depthwise_implementation', 'fused_inference', 'ops')}
+CONFIG_FILE = run_folder.CONFIG_FILE
+# Where checkpoints that a diverged run had saved go (kept, never deleted).
+DIVERGED_FOLDER = 'diverged'
 # What the log promises while a step compiles (measured: 4-5 s for the default
 # config on 2 cores).
 _COMPILE_TIME = 'once per run; seconds for small models, up to minutes for large ones'
 
 
-def _config_value(config: ml_collections.ConfigDict | dict, dotted: str):
-  value = config
-  for part in dotted.split('.'):
-    value = value[part]
-  value = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
-  if isinstance(value, dict):
-    value = {key: item for key, item in value.items()
-             if key not in IMPLEMENTATION_FIELDS.get(dotted, ())}
-  return value
-
-
 def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> pathlib.Path:
-  """Checks, then creates, the workdir and records the config; refuses a mismatched resume.
+  """Checks, creates and locks the workdir and records the config; refuses a mismatched resume.
 
-  Checks come first, so that bad input leaves an existing workdir untouched.
+  Checks come first, so that bad input leaves an existing workdir untouched;
+  the lock (held until `run_folder.release_lock`) keeps a second trainer out.
   """
   path = pathlib.Path(workdir).absolute()
   if path.exists() and not path.is_dir():
@@ -61,18 +49,16 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> pathlib.
   if not os.access(existing, os.W_OK | os.X_OK):
     raise UserError(f'--workdir {path} is not writable ({existing} denies writing); pass a '
                     'folder you can write to')
-  saved_file = path / CONFIG_FILE
-  if saved_file.exists():
-    # Fields added to the schema since the run was recorded compare as their defaults.
-    saved = config_base.with_defaults(json.loads(saved_file.read_text()))
-    for field in ARCHITECTURE_FIELDS:
-      old, new = _config_value(saved, field), _config_value(config, field)
-      if old != new:
-        raise UserError(f'--workdir {path} holds a run with a different config.{field} '
-                        f'({old} there, {new} now); pass a new --workdir to start another run')
+  run_folder.check_resume(path, config)
   if jax.process_index() == 0:
     path.mkdir(parents=True, exist_ok=True)
-    saved_file.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    run_folder.acquire_lock(path)
+    try:
+      run_folder.check_resume(path, config)  # Again, under the lock: a run may have just ended.
+      run_folder.record_config(path, config)
+    except BaseException:
+      run_folder.release_lock(path)
+      raise
   return path
 
 
@@ -114,12 +100,13 @@ def evaluate(state: TrainState, eval_fn, config: ml_collections.ConfigDict,
 
 def _summarize_train(pending: list, step: int, interval_start: float,
                      batch_size: int) -> dict[str, float]:
-  """Means of the steps since the last report; stops the run on a non-finite loss."""
+  """Means of the steps since the last report; stops the run at the first diverged step."""
   fetched = jax.device_get(pending)  # Waits for the asynchronously dispatched steps.
   interval_seconds = time.perf_counter() - interval_start
-  nonfinite = sum(int(m['nonfinite']) for m in fetched)
-  if nonfinite:
-    raise NonFiniteLoss(step)
+  for index, m in enumerate(fetched):
+    if int(m['nonfinite']):
+      raise NonFiniteLoss(step - len(fetched) + 1 + index,
+                          f"{DIVERGENCE_REASONS[int(m['nonfinite'])]}; loss {float(m['loss']):.4g}")
   summary = {key: float(np.mean([m[key] for m in fetched])) for key in ('loss', 'accuracy')}
   summary['learning_rate'] = float(fetched[-1]['learning_rate'])
   summary['images_per_second'] = len(fetched) * batch_size / max(interval_seconds, 1e-9)
@@ -127,11 +114,12 @@ def _summarize_train(pending: list, step: int, interval_start: float,
 
 
 class NonFiniteLoss(Exception):
-  """The loss or gradients became NaN or infinite."""
+  """A step diverged (train_step.divergence): `step` is the first, `reason` says how."""
 
-  def __init__(self, step: int):
-    super().__init__(step)
+  def __init__(self, step: int, reason: str = ''):
+    super().__init__(step, reason)
     self.step = step
+    self.reason = reason
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -146,12 +134,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if info.num_classes != config.model.num_classes:
     raise UserError(f'config.model.num_classes={config.model.num_classes} but {info.name} has '
                     f'{info.num_classes} classes; pass --config.model.num_classes={info.num_classes}')
-  workdir = prepare_workdir(workdir, config)
+  steps_per_epoch = input_pipeline.steps_per_epoch(config)  # Refuses a batch over the split.
+  memory.check_fits(config, info.image_shape)
+  workdir = prepare_workdir(workdir, config)  # Last: everything before it changes no file.
 
   mesh = parallel.create_mesh()
   replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   model = create_model(config.model)
-  steps_per_epoch = input_pipeline.steps_per_epoch(config)
   num_steps = total_train_steps(config, steps_per_epoch)
   schedule = optim.learning_rate_schedule(config, steps_per_epoch, num_steps)
   tx = optim.create_optimizer(config, schedule)
@@ -163,6 +152,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if state is None:
     state = metrics.log_first_call(init, 'the model initialization', 'seconds')()
   start_step = int(state.step)
+  # Each (split, step) once: rows after the restored step are written again below.
+  recorded = run_folder.rewrite_metrics(workdir, start_step) if jax.process_index() == 0 else {}
 
   writer = metrics.MetricWriter(workdir)
   specs = counting.model_layer_specs(config)
@@ -196,7 +187,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_batches = input_pipeline.create_train_iterator(config, start_step=start_step)
   pending, interval_start = [], time.perf_counter()
   eval_metrics = {}
+
+  def evaluate_and_record(step: int) -> dict[str, float]:
+    scores = evaluate(state, eval_fn, config, batch_sharding)
+    if ('eval', step) not in recorded:
+      writer.write(step, 'eval', scores)
+    logging.info('eval at step %d: top-1 %.4f top-5 %.4f loss %.4f (%d examples)', step,
+                 scores['top1'], scores['top5'], scores['loss'], scores['examples'])
+    return scores
+
   try:
+    # The eval of the restored step, when a kill came between its checkpoint and its row, and
+    # the final accuracy of a finished run, printed again. Decided on process 0 (which holds
+    # metrics.jsonl) for every host: evaluating is collective.
+    missed = start_step > 0 and (start_step >= num_steps or (
+        start_step % eval_every == 0 and ('eval', start_step) not in recorded))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      missed = bool(multihost_utils.broadcast_one_to_all(np.int32(missed)))
+    if missed:
+      eval_metrics = evaluate_and_record(start_step)
     for step in range(start_step + 1, num_steps + 1):
       state, step_metrics = train_fn(state, parallel.global_batch(next(train_batches),
                                                                   batch_sharding))
@@ -220,25 +230,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return {}
       if last or step % eval_every == 0:
         with progress.paused(state):
-          eval_metrics = evaluate(state, eval_fn, config, batch_sharding)
-        writer.write(step, 'eval', eval_metrics)
-        logging.info('eval at step %d: top-1 %.4f top-5 %.4f loss %.4f (%d examples)', step,
-                     eval_metrics['top1'], eval_metrics['top5'], eval_metrics['loss'],
-                     eval_metrics['examples'])
+          eval_metrics = evaluate_and_record(step)
         interval_start = time.perf_counter()
-    if start_step >= num_steps:  # Already finished: report the final accuracy again.
-      eval_metrics = evaluate(state, eval_fn, config, batch_sharding)
   except NonFiniteLoss as error:
     checkpoints.wait()
+    # The state saved just before the first bad step is the one that produced it.
+    suspect = [s for s in checkpoints.all_steps() if s >= error.step - 1]
+    checkpoints.set_aside(suspect, DIVERGED_FOLDER)
+    good = checkpoints.latest_step()
+    kept = (f'the last good checkpoint (step {good}) is kept in {workdir}' if good is not None
+            else f'no checkpoint before it is left in {workdir}, so a rerun starts from step 0')
+    moved = (f' (checkpoint {", ".join(map(str, suspect))} moved to '
+             f'checkpoints/{DIVERGED_FOLDER}/)' if suspect else '')
     raise UserError(
-        f'the training loss became NaN or infinite by step {error.step}; the last good checkpoint '
-        f'(step {checkpoints.latest_step()}) is kept in {workdir}; lower '
-        '--config.optimizer.learning_rate or set --config.optimizer.grad_clip_norm') from None
+        f'the training became NaN or infinite or exploded at step {error.step} ({error.reason}); '
+        f'{kept}{moved}; lower --config.optimizer.learning_rate or set '
+        '--config.optimizer.grad_clip_norm, and rerun') from None
   finally:
     preemption.restore()
     progress.close()
-    checkpoints.close()
-    writer.close()
+    try:
+      checkpoints.close()
+    finally:
+      writer.close()
+      if jax.process_index() == 0:
+        run_folder.release_lock(workdir)
   results = {**eval_metrics, **{key: float(value) for key, value in model_counts.items()}}
   if jax.process_index() == 0:
     logging.info('%s', metrics.run_summary(workdir, results, time.perf_counter() - started,

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 
@@ -44,13 +45,49 @@ def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, num_classes: int,
   return optax.softmax_cross_entropy(logits, targets)
 
 
+# A cross-entropy this many times that of guessing uniformly (log(num_classes)) means logits
+# hundreds apart: the run has diverged even where float32 still holds the numbers.
+DIVERGED_LOSS_FACTOR = 100.0
+# `nonfinite` codes of a step, and what each means (0: the step is good).
+DIVERGENCE_REASONS = {
+    1: 'the loss is NaN or infinite',
+    2: f'the loss exceeds {DIVERGED_LOSS_FACTOR:g} x log(num_classes)',
+    3: 'the gradients are NaN or infinite',
+    4: 'the updated weights or optimizer state are NaN or infinite',
+    5: 'the updated BatchNorm statistics are NaN or infinite',
+}
+
+
+def _all_finite(tree) -> jnp.ndarray:
+  leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def divergence(loss: jnp.ndarray, grads, new_state: 'TrainState', num_classes: int) -> jnp.ndarray:
+  """0 when a step may be kept, else the first code of DIVERGENCE_REASONS that applies.
+
+  The loss alone is not enough: BatchNorm's running statistics only enter the
+  eval loss, and a loss in the 1e16s is finite.
+  """
+  checks = [~jnp.isfinite(loss), loss > DIVERGED_LOSS_FACTOR * np.log(num_classes),
+            ~jnp.isfinite(optax.tree.norm(grads)),
+            ~(_all_finite(new_state.params) & _all_finite(new_state.opt_state)
+              & _all_finite(new_state.ema_params)),
+            ~_all_finite(new_state.batch_stats)]
+  code = jnp.int32(0)
+  for index, failed in reversed(list(enumerate(checks, 1))):
+    code = jnp.where(failed, index, code)
+  return code
+
+
 def train_step(state: TrainState, batch: dict[str, jnp.ndarray], *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                config: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jnp.ndarray]]:
   """One SGD step on a global batch; BatchNorm statistics are over the whole global batch.
 
-  A step whose loss or gradients are not finite leaves the state as it was and
-  reports `nonfinite` = 1, so the loop can stop with the last good state.
+  A step that diverges (see `divergence`) leaves the state as it was and
+  reports the reason's code as `nonfinite`, so the loop can stop with the last
+  good state.
   """
   dropout_rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 1), state.step)
 
@@ -68,17 +105,17 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], *, model: nn.Mo
   ema_params = state.ema_params
   if ema_params is not None:
     ema_params = optax.incremental_update(params, ema_params, 1.0 - config.ema_decay)
-  finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
   new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                          opt_state=opt_state, ema_params=ema_params)
+  problem = divergence(loss, grads, new_state, config.model.num_classes)
   # Keep the old state (but count the step) when this one went non-finite.
-  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+  new_state = jax.tree.map(lambda new, old: jnp.where(problem == 0, new, old), new_state,
                            state.replace(step=state.step + 1))
   metrics = {
       'loss': loss,
       'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
       'learning_rate': schedule(state.step),
-      'nonfinite': 1 - finite.astype(jnp.int32),
+      'nonfinite': problem,
   }
   return new_state, metrics
 
