@@ -5,7 +5,8 @@ splits the batch, XLA gathers the whole global batch onto every device before
 the call (every device then computes every example), and `jax.vmap` has no
 rule for it at all. Each kernel call here is therefore wrapped twice:
 
-- Under a context mesh (`jax.set_mesh`, as training/train.py sets it) whose
+- Under a context mesh (`jax.set_mesh`, or training/parallel.on_mesh around
+  the traced step as training/train.py and experiments/evaluate.py use) whose
   devices split the batch evenly, the call runs inside `jax.shard_map` on each
   device's local shard: per-example kernels (forward passes, input gradients,
   BatchNorm apply) map over the shard directly; kernels that reduce over the
@@ -25,7 +26,6 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec
 
@@ -94,7 +94,7 @@ def kernel_call(target: str, out_shapes, operands, *, batched: Sequence[bool],
       # V vmapped batches of N examples are V * N examples to a per-example kernel.
       merged = [_fold(arg if v else jnp.broadcast_to(arg, (axis_size, *arg.shape))) if b else arg
                 for arg, v, b in zip(args, in_batched, batched)]
-      outputs = kernel_call(target, [_grow(s, axis_size) for s in out_shapes], merged,
+      outputs = kernel_call(target, out_shapes, merged,
                             batched=batched, combine=combine, **attributes)
       outputs = tuple(o.reshape(axis_size, -1, *o.shape[1:]) for o in outputs)
     else:
@@ -120,12 +120,3 @@ def _with_batch(shape: jax.ShapeDtypeStruct, args, batched, combine):
     return shape
   batch = next(arg.shape[0] for arg, b in zip(args, batched) if b)
   return jax.ShapeDtypeStruct((batch, *shape.shape[1:]), shape.dtype)
-
-
-def _grow(shape: jax.ShapeDtypeStruct, factor: int):
-  return jax.ShapeDtypeStruct((shape.shape[0] * factor, *shape.shape[1:]), shape.dtype)
-
-
-def float_attributes(**values):
-  """Keyword attributes as the kernels declare them: float32 scalars."""
-  return {key: np.float32(value) for key, value in values.items()}
