@@ -312,7 +312,9 @@ for devices in (1, 8):
   replicated, sharded = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   state = jax.jit(functools.partial(create_train_state, model, tx, config, (16, 16, 1)),
                   out_shardings=replicated)()
-  step = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config),
+  # As train.py jits it: the kernels run on each device's shard (ops/cpu/calls.py).
+  step = jax.jit(parallel.on_mesh(mesh, functools.partial(train_step, model=model, tx=tx,
+                                                          schedule=schedule, config=config)),
                  in_shardings=(replicated, sharded), out_shardings=(replicated, replicated))
   new_state, metrics = step(state, parallel.global_batch(batch, sharded))
   grads = jax.tree.map(lambda new, old: new - old, new_state.params, state.params)

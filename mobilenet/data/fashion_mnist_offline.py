@@ -20,6 +20,7 @@ from absl import logging
 import tensorflow_datasets as tfds
 from tensorflow_datasets.image_classification import mnist
 
+from mobilenet.data import preparation_lock
 from mobilenet.errors import UserError
 
 DEBIAN_DIR = '/usr/share/datasets/fashion-mnist'
@@ -91,6 +92,17 @@ def prepare(data_dir: str | None, source_dir: str = DEBIAN_DIR) -> bool:
   if registered.is_prepared():
     logging.info('fashion_mnist is already prepared in %s', registered.data_dir)
     return False
+  # Concurrent preparations into one dir collide on TFDS's final rename.
+  with preparation_lock.exclusive(registered.data_dir_root, 'fashion_mnist'):
+    if tfds.builder('fashion_mnist', data_dir=data_dir).is_prepared():
+      logging.info('fashion_mnist was prepared in %s by another process', registered.data_dir)
+      return False
+    _prepare_locked(data_dir, source_dir)
+  return True
+
+
+def _prepare_locked(data_dir: str | None, source_dir: str) -> None:
+  """Builds the dataset; the caller holds the preparation lock."""
   if not debian_files_available(source_dir):
     raise UserError(
         f'Fashion-MNIST files {", ".join(FILENAMES)} are not all in '
@@ -115,4 +127,3 @@ def prepare(data_dir: str | None, source_dir: str = DEBIAN_DIR) -> bool:
     )
   logging.info('Prepared fashion_mnist in %s in %.0f s', builder.data_dir,
                time.perf_counter() - start)
-  return True

@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mobilenet.data import fashion_mnist_offline
+from mobilenet.data import fashion_mnist_offline, preparation_lock
 from mobilenet.errors import UserError
 
 try:
@@ -188,6 +188,19 @@ def ensure_available(config) -> None:
   if builder.is_prepared():
     return
   _check_local_data_dir(config.data_dir, writing=True)
+  # Runs started together would race to prepare it: one at a time, and the
+  # ones that waited find it prepared.
+  with preparation_lock.exclusive(builder.data_dir_root, config.dataset):
+    _prepare(config)
+
+
+def _prepare(config) -> None:
+  """ensure_available's work once it holds the preparation lock."""
+  builder = _builder(config)
+  if builder.is_prepared():
+    logging.info('%s was prepared in %s by another process', config.dataset,
+                 builder.data_dir_root)
+    return
   if (config.dataset == 'fashion_mnist'
       and fashion_mnist_offline.debian_files_available()):
     fashion_mnist_offline.prepare(config.data_dir)

@@ -160,8 +160,8 @@ def evaluate_run(workdir: str, mesh, data_dir: str | None = None) -> RunResult:
     return result
   result.step, result.ema = int(state.step), config.ema_decay > 0
   apply_fn, _ = fused_inference.eval_apply(model, config.model.fused_inference)
-  eval_fn = jax.jit(functools.partial(eval_step, apply_fn=apply_fn, config=config,
-                                      use_ema=result.ema),
+  eval_fn = jax.jit(parallel.on_mesh(mesh, functools.partial(eval_step, apply_fn=apply_fn,
+                                                             config=config, use_ema=result.ema)),
                     in_shardings=(replicated, parallel.batch_sharding(mesh)),
                     out_shardings=replicated)
   scores = train.evaluate(state, eval_fn, config, parallel.batch_sharding(mesh))

@@ -13,7 +13,9 @@ needs two reductions (sum of the incoming gradient and of its product with the
 normalized input) and one elementwise pass for the input gradient.
 
 Statistics are over every axis but the last (channels). Under `jax.jit` with
-the batch sharded over a mesh, those reductions are over the global batch.
+the batch sharded over a mesh, those reductions are over the global batch: XLA
+all-reduces them, and the C++ kernels run on each device's shard with their
+sums all-reduced (ops/cpu/calls.py).
 """
 import functools
 from typing import Any, Callable, Optional
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mobilenet.ops import select
+from mobilenet.ops.cpu import calls
 from mobilenet.ops.cpu import kernels as cpu_kernels
 
 
@@ -102,8 +105,30 @@ CLIP_BOUNDS = {nn.relu: (0.0, float('inf')), jax.nn.relu6: (0.0, 6.0),
 IMPLEMENTATIONS = select.IMPLEMENTATIONS['batch_norm']
 
 
+def _global_statistics(outputs, axes):
+  """Per-shard (mean, var) over equal shards -> the global batch's, as _statistics computes them."""
+  mean, var = outputs
+  global_mean = jax.lax.pmean(mean, axes)
+  mean_of_squares = jax.lax.pmean(var + jnp.square(mean), axes)
+  return global_mean, jnp.maximum(mean_of_squares - jnp.square(global_mean), 0.0)
+
+
+# Per kernel: its combine over the batch shards (calls.py), None for the
+# per-example ones. Statistics and backward sums reduce over the batch.
+_COMBINE = {'stats': _global_statistics, 'apply': None,
+            'backward_sums': calls.psum_combine, 'backward_input': None}
+
+
 def _kernel(name, out_shapes, *operands, **attributes):
-  return jax.ffi.ffi_call(f'mobilenet_batch_norm_{name}', out_shapes)(*operands, **attributes)
+  """Calls a kernel whose operands after x (and dy) are per-channel; sharded and vmappable."""
+  single = not isinstance(out_shapes, tuple)
+  with_dy = name.startswith('backward')
+  batched = [True, with_dy] + [False] * (len(operands) - 2) if with_dy else [True] + [False] * (
+      len(operands) - 1)
+  outputs = calls.kernel_call(f'mobilenet_batch_norm_{name}',
+                              [out_shapes] if single else out_shapes, operands, batched=batched,
+                              combine=_COMBINE[name], **attributes)
+  return outputs[0] if single else outputs
 
 
 def _kernel_forward(x, scale, bias, epsilon, lo, hi):
@@ -114,6 +139,32 @@ def _kernel_forward(x, scale, bias, epsilon, lo, hi):
   y = _kernel('apply', jax.ShapeDtypeStruct(x.shape, jnp.float32), x, a, b,
               lo=np.float32(lo), hi=np.float32(hi))
   return y, mean, var, inv_std
+
+
+def _clip_affine(x, a, b, lo, hi):
+  """What the 'apply' kernel computes, in XLA: its reference and its VJP."""
+  return jnp.clip(x * a + b, lo, hi)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _kernel_apply(x, a, b, lo, hi):
+  """clip(x * a + b, lo, hi) on the kernel (inference mode), differentiable through XLA's form."""
+  return _kernel('apply', jax.ShapeDtypeStruct(x.shape, jnp.float32), x, a, b,
+                 lo=np.float32(lo), hi=np.float32(hi))
+
+
+def _kernel_apply_fwd(x, a, b, lo, hi):
+  return _kernel_apply(x, a, b, lo, hi), (x, a, b)
+
+
+def _kernel_apply_bwd(lo, hi, residuals, g):
+  # Gradients through inference-mode BatchNorm (per-example gradients,
+  # attribution) are rare and elementwise: XLA's own VJP suffices.
+  _, vjp = jax.vjp(lambda *args: _clip_affine(*args, lo, hi), *residuals)
+  return vjp(g)
+
+
+_kernel_apply.defvjp(_kernel_apply_fwd, _kernel_apply_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -180,14 +231,14 @@ class BatchNormActivation(nn.Module):
     running_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
     on_kernel = resolve_implementation(self.implementation, activation) == 'cpu_kernel'
     if on_kernel and activation not in CLIP_BOUNDS:
-      raise ValueError(f'the batch-norm CPU kernel computes ReLU, ReLU6 and no activation only, not {activation}')
+      raise ValueError('the batch-norm CPU kernel computes ReLU, ReLU6 and no activation only, '
+                       f'not {activation}')
     if self.use_running_average:
       a, b = inference_affine({'scale': scale, 'bias': bias},
                               {'mean': running_mean.value, 'var': running_var.value}, self.epsilon)
       if on_kernel:
         lo, hi = CLIP_BOUNDS[activation]
-        y = _kernel('apply', jax.ShapeDtypeStruct(x.shape, jnp.float32), x.astype(jnp.float32),
-                    a, b, lo=np.float32(lo), hi=np.float32(hi))
+        y = _kernel_apply(x.astype(jnp.float32), a, b, lo, hi)
         return y.astype(self.dtype)
       return activation(x.astype(jnp.float32) * a + b).astype(self.dtype)
     if on_kernel:

@@ -56,7 +56,7 @@ def _patches_product(inputs, kernel, strides: int, pads):
 def _kernel_call(name, out_shape, first, second, strides: int, pads):
   """Calls one compiled kernel on float32 operands."""
   return cpu_kernels.call_strided(f'mobilenet_conv_{name}', out_shape, first, second,
-                                  (strides, strides), pads)
+                                  (strides, strides), pads, reduces=name == 'filter_grad')
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

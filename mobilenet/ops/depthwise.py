@@ -25,6 +25,7 @@ import numpy as np
 from jax import lax
 
 from mobilenet.ops import select
+from mobilenet.ops.cpu import calls
 from mobilenet.ops.cpu import kernels as cpu_kernels
 
 Padding = Union[str, Sequence[Tuple[int, int]]]
@@ -193,9 +194,9 @@ def depthwise_conv_shifted(inputs, kernel, strides, padding):
 
 
 def _kernel_call(name, out_shape, first, second, strides, pads):
-  """Calls one compiled kernel on float32 operands."""
+  """Calls one compiled kernel on float32 operands (the filter gradient reduces over the batch)."""
   return cpu_kernels.call_strided(f'mobilenet_depthwise_{name}', out_shape, first, second,
-                                  strides, pads)
+                                  strides, pads, reduces=name == 'filter_grad')
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -266,19 +267,49 @@ def depthwise_conv_inference(inputs, kernel, *, input_affine, output_affine, bou
   kh, kw, _, out_channels = kernel.shape
   channels = inputs.shape[-1]
   pads = explicit_padding(inputs.shape[1:3], (kh, kw), strides, padding)
-  (in_scale, in_bias), (out_scale, out_bias) = input_affine, output_affine
+  f32 = lambda value: jnp.asarray(value, jnp.float32)
+  operands = (f32(inputs), f32(kernel), *map(f32, input_affine), *map(f32, output_affine))
+  settings = (tuple(strides), padding, pads, tuple(map(float, bounds)))
   if (cpu_kernels.available() and (kh, kw) == (3, 3) and out_channels == channels
       and channels % 8 == 0 and min(pads[0] + pads[1]) >= 0):
-    out_h = _output_size(inputs.shape[1], kh, strides[0], pads[0])
-    out_w = _output_size(inputs.shape[2], kw, strides[1], pads[1])
-    f32 = lambda value: jnp.asarray(value, jnp.float32)
-    return jax.ffi.ffi_call('mobilenet_depthwise_inference',
-                            jax.ShapeDtypeStruct((inputs.shape[0], out_h, out_w, channels),
-                                                 jnp.float32))(
-        f32(inputs), f32(kernel).reshape(kh, kw, channels), f32(in_scale), f32(in_bias),
-        f32(out_scale), f32(out_bias), sh=np.int64(strides[0]), sw=np.int64(strides[1]),
-        pt=np.int64(pads[0][0]), pl=np.int64(pads[1][0]), in_lo=np.float32(bounds[0]),
-        in_hi=np.float32(bounds[1]), out_lo=np.float32(bounds[0]), out_hi=np.float32(bounds[1]))
-  activated = jnp.clip(inputs.astype(jnp.float32) * in_scale + in_bias, *bounds)
-  y = depthwise_conv(activated, kernel.astype(jnp.float32), strides=strides, padding=padding)
+    return _fused_inference_kernel(*operands, settings)
+  return _inference_xla(*operands, settings)
+
+
+def _inference_xla(inputs, kernel, in_scale, in_bias, out_scale, out_bias, settings):
+  """depthwise_conv_inference as XLA steps around `depthwise_conv`: its reference and VJP."""
+  strides, padding, _, bounds = settings
+  activated = jnp.clip(inputs * in_scale + in_bias, *bounds)
+  y = depthwise_conv(activated, kernel, strides=strides, padding=padding)
   return jnp.clip(y * out_scale + out_bias, *bounds)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _fused_inference_kernel(inputs, kernel, in_scale, in_bias, out_scale, out_bias, settings):
+  """The one-pass C++ kernel, per example (sharded and vmappable through calls.py)."""
+  strides, _, pads, (lo, hi) = settings
+  kh, kw, _, channels = kernel.shape
+  out_h = _output_size(inputs.shape[1], kh, strides[0], pads[0])
+  out_w = _output_size(inputs.shape[2], kw, strides[1], pads[1])
+  out, = calls.kernel_call(
+      'mobilenet_depthwise_inference',
+      [jax.ShapeDtypeStruct((inputs.shape[0], out_h, out_w, channels), jnp.float32)],
+      [inputs, kernel.reshape(kh, kw, channels), in_scale, in_bias, out_scale, out_bias],
+      batched=(True,) + (False,) * 5, sh=np.int64(strides[0]), sw=np.int64(strides[1]),
+      pt=np.int64(pads[0][0]), pl=np.int64(pads[1][0]), in_lo=np.float32(lo),
+      in_hi=np.float32(hi), out_lo=np.float32(lo), out_hi=np.float32(hi))
+  return out
+
+
+def _fused_inference_fwd(*args):
+  return _fused_inference_kernel(*args), args[:-1]
+
+
+def _fused_inference_bwd(settings, residuals, g):
+  # Gradients of a fused inference graph (attribution, per-example
+  # gradients) are rare: the XLA form's VJP, through the fast depthwise VJP.
+  _, vjp = jax.vjp(lambda *args: _inference_xla(*args, settings), *residuals)
+  return vjp(g)
+
+
+_fused_inference_kernel.defvjp(_fused_inference_fwd, _fused_inference_bwd)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from mobilenet.ops import select
+from mobilenet.ops.cpu import calls
 from mobilenet.ops.cpu import kernels as cpu_kernels
 
 IMPLEMENTATIONS = select.IMPLEMENTATIONS['pointwise']
@@ -36,9 +37,11 @@ def _kernel_pointwise_fwd(x, w):
 def _kernel_pointwise_bwd(residuals, g):
   x, w = residuals
   dx = jnp.einsum('...d,cd->...c', g, w)
-  dw = jax.ffi.ffi_call('mobilenet_pointwise_filter_grad',
-                        jax.ShapeDtypeStruct(w.shape, jnp.float32))(
-                            x.astype(jnp.float32), g.astype(jnp.float32))
+  # x^T g sums over the batch: per-shard partial products, all-reduced (calls.py).
+  dw, = calls.kernel_call('mobilenet_pointwise_filter_grad',
+                          [jax.ShapeDtypeStruct(w.shape, jnp.float32)],
+                          [x.astype(jnp.float32), g.astype(jnp.float32)],
+                          batched=(True, True), combine=calls.psum_combine)
   return dx, dw.astype(w.dtype)
 
 

@@ -57,7 +57,9 @@ def create_optimizer(config: ml_collections.ConfigDict,
   if opt.name == 'sgd':
     chain.append(optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov))
   else:
-    # TensorFlow's RMSProp: epsilon inside the square root, mean square starting at 1.
+    # TensorFlow's RMSProp: epsilon inside the square root, mean square starting at 1,
+    # and the learning rate inside the momentum (optax scales before its trace, as
+    # TF does), which matters once the rate changes. tests/test_recipe.py compares.
     chain.append(optax.rmsprop(schedule, decay=opt.rmsprop_decay, eps=opt.rmsprop_epsilon,
                                initial_scale=1.0, eps_in_sqrt=True,
                                momentum=opt.momentum or None))

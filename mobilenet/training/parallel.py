@@ -4,6 +4,8 @@ Every device holds a full replica of the state and a slice of the global
 batch; `jax.jit` with these shardings lets XLA insert the gradient and
 BatchNorm all-reduces, on one CPU, many GPUs, or a multi-host TPU slice.
 """
+import functools
+
 import jax
 import numpy as np
 from absl import logging
@@ -54,3 +56,18 @@ def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) ->
   """Assembles each host's slice of the batch into one global, sharded array per key."""
   return {key: jax.make_array_from_process_local_data(sharding, value)
           for key, value in local_batch.items()}
+
+
+def on_mesh(mesh: Mesh, fun):
+  """`fun` traced with `mesh` as the context mesh, for `jax.jit` with shardings on `mesh`.
+
+  The custom kernels (ops/cpu/calls.py) read the context mesh to run on each
+  device's shard of the batch instead of the gathered global batch; setting it
+  inside the traced function (not with `jax.set_mesh` around the call, which is
+  per thread) holds wherever the step is traced.
+  """
+  @functools.wraps(fun)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fun(*args, **kwargs)
+  return traced

@@ -167,14 +167,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                f'resuming at step {start_step}' if start_step else 'starting')
 
   train_fn = metrics.log_first_call(jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config),
+      parallel.on_mesh(mesh, functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                                               config=config)),
       in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
       donate_argnums=0), 'the training step', _COMPILE_TIME)
   apply_fn, eval_path = fused_inference.eval_apply(model, config.model.fused_inference)
   logging.info(eval_path)
   eval_fn = metrics.log_first_call(jax.jit(
-      functools.partial(eval_step, apply_fn=apply_fn, config=config,
-                        use_ema=config.ema_decay > 0),
+      parallel.on_mesh(mesh, functools.partial(eval_step, apply_fn=apply_fn, config=config,
+                                               use_ema=config.ema_decay > 0)),
       in_shardings=(replicated, batch_sharding), out_shardings=replicated),
       'the eval step', _COMPILE_TIME)
   eval_every = steps_per_epoch if config.eval_every_steps == -1 else config.eval_every_steps

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from mobilenet.ops.cpu import calls
+
 _HERE = pathlib.Path(__file__).parent
 SOURCES = (_HERE / 'depthwise_cpu.cc', _HERE / 'batch_norm_cpu.cc', _HERE / 'convolution_cpu.cc',
            _HERE / 'pointwise_cpu.cc')
@@ -106,14 +108,20 @@ def error() -> Optional[str]:
   return None
 
 
-def call_strided(target: str, out_shape, first, second, strides, pads):
+def call_strided(target: str, out_shape, first, second, strides, pads, *, reduces: bool = False):
   """Calls a strided kernel (two float32 operands, attributes sh, sw, pt, pl) -> float32.
 
   `strides` is (sh, sw); `pads` the explicit ((top, bottom), (left, right)) padding.
+  Per-example kernels take the batch in `first` only; with `reduces` (filter
+  gradients) both operands carry it and the kernel sums over it (calls.py
+  shards and vmaps both kinds).
   """
-  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32))(
-      first, second, sh=np.int64(strides[0]), sw=np.int64(strides[1]),
-      pt=np.int64(pads[0][0]), pl=np.int64(pads[1][0]))
+  out, = calls.kernel_call(
+      target, [jax.ShapeDtypeStruct(out_shape, jnp.float32)], [first, second],
+      batched=(True, reduces), combine=calls.psum_combine if reduces else None,
+      sh=np.int64(strides[0]), sw=np.int64(strides[1]), pt=np.int64(pads[0][0]),
+      pl=np.int64(pads[1][0]))
+  return out
 
 
 def available() -> bool:
