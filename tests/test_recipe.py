@@ -312,3 +312,36 @@ def test_label_smoothing_matches_keras_and_optax(smoothing):
   np.testing.assert_allclose(smoothed.sum(-1), 1.0, rtol=1e-6)
   np.testing.assert_allclose(smoothed[np.arange(16), labels], 1 - smoothing + smoothing / 10,
                              rtol=1e-6)
+
+
+def test_ema_averages_weights_and_batch_norm_statistics_and_eval_uses_both():
+  """TF's ExponentialMovingAverage(num_updates=step) over params and BatchNorm statistics."""
+  from mobilenet.training import train_step as train_step_lib
+  config = _config('sgd', learning_rate=0.1)
+  config.ema_decay = 0.9
+  config.model.width_multiplier, config.model.resolution = 0.25, 8
+  model = create_model(config.model)
+  tx = optim.create_optimizer(config, optax.constant_schedule(0.1))
+  state = train_step_lib.create_train_state(model, tx, config, (8, 8, 1))
+  step = jax.jit(lambda s, b: train_step_lib.train_step(
+      s, b, model=model, tx=tx, schedule=optax.constant_schedule(0.1), config=config))
+  rng = np.random.default_rng(0)
+  want_params, want_stats = state.params, state.batch_stats
+  for n in range(4):
+    batch = {'image': rng.normal(size=(8, 8, 8, 1)).astype(np.float32),
+             'label': rng.integers(0, 10, 8).astype(np.int32)}
+    state, _ = step(state, batch)
+    keep = min(0.9, (1 + n) / (10 + n))
+    want_params, want_stats = jax.tree.map(lambda avg, new: keep * avg + (1 - keep) * new,
+                                           (want_params, want_stats),
+                                           (state.params, state.batch_stats))
+  jax.tree.map(lambda have, want: np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-6),
+               (state.ema_params, state.ema_batch_stats), (want_params, want_stats))
+  assert not np.allclose(jax.tree.leaves(state.ema_batch_stats)[0],
+                         jax.tree.leaves(state.batch_stats)[0])
+  batch = {**batch, 'mask': np.ones(8, bool)}
+  apply = lambda variables, images: model.apply(variables, images, train=False)
+  sums = train_step_lib.eval_step(state, batch, apply_fn=apply, config=config, use_ema=True)
+  logits = apply({'params': want_params, 'batch_stats': want_stats}, batch['image'])
+  want_loss = cross_entropy(logits, batch['label'], 10, 0.0).sum()
+  np.testing.assert_allclose(sums['loss_sum'], want_loss, rtol=1e-4)

@@ -117,7 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.schedule.decay_epochs = 2.5  # ... every this many epochs (TF-slim's recipe).
 
   config.label_smoothing = 0.0
-  config.ema_decay = 0.0  # 0: no exponential moving average of the weights.
+  # 0: none. Else an exponential moving average of the weights and BatchNorm statistics
+  # (decay min(ema_decay, (1 + step) / (10 + step)), TensorFlow's); eval uses it.
+  config.ema_decay = 0.0
   return config
 
 

@@ -21,7 +21,10 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
-  ema_params: Any  # An exponential moving average of params, or None when config.ema_decay is 0.
+  # Exponential moving averages of params and of the BatchNorm statistics (None when
+  # config.ema_decay is 0); evaluation with EMA uses both, as TF-slim and timm do.
+  ema_params: Any
+  ema_batch_stats: Any = None
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
@@ -33,7 +36,19 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params,
       batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
-      ema_params=params if config.ema_decay > 0 else None)
+      ema_params=params if config.ema_decay > 0 else None,
+      ema_batch_stats=variables.get('batch_stats', {}) if config.ema_decay > 0 else None)
+
+
+def ema_decay_at(step: jnp.ndarray, decay: float) -> jnp.ndarray:
+  """The decay of the average's update after `step` steps: min(decay, (1 + step) / (10 + step)).
+
+  TensorFlow's ExponentialMovingAverage with num_updates (TF-slim's recipe):
+  early on the average follows the weights closely instead of staying near
+  the random initialization for ~1 / (1 - decay) steps.
+  """
+  step = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
 def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, num_classes: int,
@@ -73,7 +88,7 @@ def divergence(loss: jnp.ndarray, grads, new_state: 'TrainState', num_classes: i
             ~jnp.isfinite(optax.tree.norm(grads)),
             ~(_all_finite(new_state.params) & _all_finite(new_state.opt_state)
               & _all_finite(new_state.ema_params)),
-            ~_all_finite(new_state.batch_stats)]
+            ~(_all_finite(new_state.batch_stats) & _all_finite(new_state.ema_batch_stats))]
   code = jnp.int32(0)
   for index, failed in reversed(list(enumerate(checks, 1))):
     code = jnp.where(failed, index, code)
@@ -102,11 +117,14 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], *, model: nn.Mo
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  ema_params = state.ema_params
+  ema_params, ema_batch_stats = state.ema_params, state.ema_batch_stats
   if ema_params is not None:
-    ema_params = optax.incremental_update(params, ema_params, 1.0 - config.ema_decay)
+    keep = ema_decay_at(state.step, config.ema_decay)
+    ema_params = optax.incremental_update(params, ema_params, 1.0 - keep)
+    ema_batch_stats = optax.incremental_update(batch_stats, ema_batch_stats, 1.0 - keep)
   new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                         opt_state=opt_state, ema_params=ema_params)
+                         opt_state=opt_state, ema_params=ema_params,
+                         ema_batch_stats=ema_batch_stats)
   problem = divergence(loss, grads, new_state, config.model.num_classes)
   # Keep the old state (but count the step) when this one went non-finite.
   new_state = jax.tree.map(lambda new, old: jnp.where(problem == 0, new, old), new_state,
@@ -127,8 +145,10 @@ def eval_step(state: TrainState, batch: dict[str, jnp.ndarray], *, apply_fn: Cal
   `apply_fn(variables, images)` computes inference-mode logits: the model's own
   apply, or an equal transformation of it (models/fused_inference.eval_apply).
   """
-  params = state.ema_params if use_ema and state.ema_params is not None else state.params
-  logits = apply_fn({'params': params, 'batch_stats': state.batch_stats}, batch['image'])
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  if use_ema and state.ema_params is not None:  # The averaged weights with their own statistics.
+    variables = {'params': state.ema_params, 'batch_stats': state.ema_batch_stats}
+  logits = apply_fn(variables, batch['image'])
   mask = batch['mask'].astype(jnp.float32)
   labels = batch['label']
   loss = cross_entropy(logits, labels, config.model.num_classes, 0.0)
