@@ -336,8 +336,9 @@ def test_ema_averages_weights_and_batch_norm_statistics_and_eval_uses_both():
                                            (want_params, want_stats),
                                            (state.params, state.batch_stats))
   jax.tree.map(lambda have, want: np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-6),
-               (state.ema_params, state.ema_batch_stats), (want_params, want_stats))
-  assert not np.allclose(jax.tree.leaves(state.ema_batch_stats)[0],
+               (state.ema_params['params'], state.ema_params['batch_stats']),
+               (want_params, want_stats))
+  assert not np.allclose(jax.tree.leaves(state.ema_params['batch_stats'])[0],
                          jax.tree.leaves(state.batch_stats)[0])
   batch = {**batch, 'mask': np.ones(8, bool)}
   apply = lambda variables, images: model.apply(variables, images, train=False)
@@ -345,3 +346,11 @@ def test_ema_averages_weights_and_batch_norm_statistics_and_eval_uses_both():
   logits = apply({'params': want_params, 'batch_stats': want_stats}, batch['image'])
   want_loss = cross_entropy(logits, batch['label'], 10, 0.0).sum()
   np.testing.assert_allclose(sums['loss_sum'], want_loss, rtol=1e-4)
+
+
+def test_train_state_keeps_the_checkpoint_layout_of_earlier_runs():
+  """Orbax restores by field: a new field would make every earlier run's checkpoint unreadable."""
+  import dataclasses
+  from mobilenet.training.train_step import TrainState
+  assert [field.name for field in dataclasses.fields(TrainState)] == [
+      'step', 'params', 'batch_stats', 'opt_state', 'ema_params']

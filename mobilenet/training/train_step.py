@@ -21,10 +21,12 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
-  # Exponential moving averages of params and of the BatchNorm statistics (None when
-  # config.ema_decay is 0); evaluation with EMA uses both, as TF-slim and timm do.
+  # The exponential moving average of the model's variables, {'params': ...,
+  # 'batch_stats': ...}, or None when config.ema_decay is 0; evaluation with EMA
+  # uses both, as TF-slim and timm do. (One field, under the name it always had, so
+  # that checkpoints of runs without EMA from before it covered the statistics
+  # keep the structure they were saved with.)
   ema_params: Any
-  ema_batch_stats: Any = None
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
@@ -36,8 +38,8 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params,
       batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
-      ema_params=params if config.ema_decay > 0 else None,
-      ema_batch_stats=variables.get('batch_stats', {}) if config.ema_decay > 0 else None)
+      ema_params=({'params': params, 'batch_stats': variables.get('batch_stats', {})}
+                  if config.ema_decay > 0 else None))
 
 
 def ema_decay_at(step: jnp.ndarray, decay: float) -> jnp.ndarray:
@@ -88,7 +90,7 @@ def divergence(loss: jnp.ndarray, grads, new_state: 'TrainState', num_classes: i
             ~jnp.isfinite(optax.tree.norm(grads)),
             ~(_all_finite(new_state.params) & _all_finite(new_state.opt_state)
               & _all_finite(new_state.ema_params)),
-            ~(_all_finite(new_state.batch_stats) & _all_finite(new_state.ema_batch_stats))]
+            ~_all_finite(new_state.batch_stats)]
   code = jnp.int32(0)
   for index, failed in reversed(list(enumerate(checks, 1))):
     code = jnp.where(failed, index, code)
@@ -117,14 +119,13 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], *, model: nn.Mo
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  ema_params, ema_batch_stats = state.ema_params, state.ema_batch_stats
-  if ema_params is not None:
+  ema = state.ema_params
+  if ema is not None:
     keep = ema_decay_at(state.step, config.ema_decay)
-    ema_params = optax.incremental_update(params, ema_params, 1.0 - keep)
-    ema_batch_stats = optax.incremental_update(batch_stats, ema_batch_stats, 1.0 - keep)
+    ema = optax.incremental_update({'params': params, 'batch_stats': batch_stats}, ema,
+                                   1.0 - keep)
   new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                         opt_state=opt_state, ema_params=ema_params,
-                         ema_batch_stats=ema_batch_stats)
+                         opt_state=opt_state, ema_params=ema)
   problem = divergence(loss, grads, new_state, config.model.num_classes)
   # Keep the old state (but count the step) when this one went non-finite.
   new_state = jax.tree.map(lambda new, old: jnp.where(problem == 0, new, old), new_state,
@@ -147,7 +148,7 @@ def eval_step(state: TrainState, batch: dict[str, jnp.ndarray], *, apply_fn: Cal
   """
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   if use_ema and state.ema_params is not None:  # The averaged weights with their own statistics.
-    variables = {'params': state.ema_params, 'batch_stats': state.ema_batch_stats}
+    variables = state.ema_params
   logits = apply_fn(variables, batch['image'])
   mask = batch['mask'].astype(jnp.float32)
   labels = batch['label']
