@@ -7,8 +7,12 @@ trains each architecture of the grid in `config.sweep` (override it with
 default recipe (28x28 grayscale, cifar form, SGD + Nesterov 0.1, cosine, weight
 decay 1e-4, no augmentation) for 2 epochs, then writes the comparison
 (results.csv, accuracy_vs_params.png and accuracy_vs_mult_adds.png with one
-series per architecture) to runs/family. README "Results: the MobileNet family"
-has the measured table, plots and wall times.
+series per architecture) to runs/family.
+
+Measured (2-core Intel Xeon VM, 2026-11-30): top-1 89.79 / 90.54 / 89.97% for V1 / V2 /
+V3-Small (3.22M / 2.24M / 1.53M parameters); 10 min 20 s / 12 min 39 s / 4 min 46 s per
+run with a test suite sharing the cores; README "Results: the MobileNet family" has the
+table and plots.
 """
 from mobilenet.training.config_base import sibling_config
 

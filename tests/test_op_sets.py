@@ -9,7 +9,9 @@ from mobilenet.models import architectures
 from mobilenet.models.mobilenet import MobileNet
 from mobilenet.ops import op_sets
 
-BATCH, SIZE = 4, 16
+# Large enough that BatchNorm's batch statistics in the last (2x2) layers are over 32 values:
+# over a handful, a variance near zero amplifies any difference in summation order.
+BATCH, SIZE = 8, 32
 
 
 def model(name: str, ops: str, **kwargs) -> MobileNet:
@@ -17,12 +19,33 @@ def model(name: str, ops: str, **kwargs) -> MobileNet:
   return MobileNet(plan=plan, num_classes=7, ops=ops)
 
 
-def loss_and_grads(net: MobileNet, variables, images):
+def train_mode(net: MobileNet, variables, images):
+  """Logits and updated BatchNorm statistics in training mode (batch statistics)."""
+  logits, updates = jax.jit(lambda v, x: net.apply(v, x, train=True, mutable=['batch_stats']))(
+      variables, images)
+  return logits, updates['batch_stats']
+
+
+def inference_grads(net: MobileNet, variables, images):
+  """Gradients of a loss of the inference-mode logits with respect to the parameters."""
   def loss(params):
-    logits, updates = net.apply({'params': params, 'batch_stats': variables['batch_stats']},
-                                images, train=True, mutable=['batch_stats'])
-    return jnp.sum(jnp.sin(logits)), (logits, updates['batch_stats'])
-  return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
+    logits = net.apply({'params': params, 'batch_stats': variables['batch_stats']}, images)
+    return jnp.sum(jnp.sin(logits))
+  return jax.jit(jax.grad(loss))(variables['params'])
+
+
+def scaled_close(have, want, tolerance: float) -> None:
+  """Equal up to `tolerance` times the largest magnitude of `want` (per array)."""
+  np.testing.assert_allclose(have, want, rtol=tolerance,
+                             atol=tolerance * float(jnp.max(jnp.abs(want))))
+
+
+def relative_l2(have, want) -> float:
+  """||have - want|| / ||want||: robust to the odd ReLU that one float path puts on the other side
+  of zero (a wrong gradient formula errs by O(1))."""
+  want = np.asarray(want, np.float64)
+  return float(np.linalg.norm(np.asarray(have, np.float64) - want) /
+               max(np.linalg.norm(want), 1e-12))
 
 
 @pytest.mark.parametrize('name', architectures.NAMES)
@@ -33,19 +56,22 @@ def test_fast_ops_equal_plain_ops(name):
   fast_variables = jax.jit(fast.init)(jax.random.key(0), images)
   # Same parameters from the same seed: the op set never changes the tree.
   jax.tree.map(np.testing.assert_array_equal, variables, fast_variables)
+  # Running statistics moved off their initial values, as in a trained network.
+  variables = {**variables, 'batch_stats': train_mode(plain, variables, images)[1]}
 
-  np.testing.assert_allclose(jax.jit(fast.apply)(variables, images),
-                             jax.jit(plain.apply)(variables, images), rtol=1e-4, atol=1e-5)
-  (want_loss, (want_logits, want_stats)), want_grads = loss_and_grads(plain, variables, images)
-  (have_loss, (have_logits, have_stats)), have_grads = loss_and_grads(fast, variables, images)
-  # Batch statistics of 4 examples through 14-20 layers amplify summation-order differences.
-  np.testing.assert_allclose(have_logits, want_logits, rtol=1e-4,
-                             atol=2e-4 * float(jnp.max(jnp.abs(want_logits))))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-               have_stats, want_stats)
-  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(want_grads))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4 * scale),
-               have_grads, want_grads)
+  scaled_close(jax.jit(fast.apply)(variables, images), jax.jit(plain.apply)(variables, images),
+               1e-4)
+  errors = jax.tree.map(relative_l2, inference_grads(fast, variables, images),
+                        inference_grads(plain, variables, images))
+  assert max(jax.tree.leaves(errors)) < 1e-2, errors
+  # Batch statistics through 14-20 layers amplify summation-order differences (at
+  # initialization a network with BatchNorm in training mode is close to chaotic, so its
+  # gradients are compared in inference mode above; each op's own gradients are checked
+  # against float64 in its test file).
+  (have_logits, have_stats), (want_logits, want_stats) = (train_mode(fast, variables, images),
+                                                          train_mode(plain, variables, images))
+  assert relative_l2(have_logits, want_logits) < 1e-2
+  assert max(jax.tree.leaves(jax.tree.map(relative_l2, have_stats, want_stats))) < 1e-3
 
 
 def test_relu6_and_bfloat16_on_both_op_sets():

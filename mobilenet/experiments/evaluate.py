@@ -257,7 +257,7 @@ def plot_accuracy(results: list[RunResult], x_field: str, x_label: str,
     for x, y, r in zip(xs, ys, series):
       axes.annotate(labels[id(r)], (x, y), textcoords='offset points', xytext=(4, 4), fontsize=8)
   if len(all_series) > 1:
-    axes.legend(fontsize=8, loc='lower right')
+    axes.legend(fontsize=8, loc='best')
   axes.set_xscale('log')
   # A span under a decade gets a label on every minor tick, and they overlap.
   axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
