@@ -346,28 +346,68 @@ def free_port() -> int:
     return sock.getsockname()[1]
 
 
+def launch_two_processes(config, workdir) -> list[subprocess.Popen]:
+  """scripts/train.py as processes 0 and 1 of a jax.distributed run on localhost."""
+  port = free_port()
+  return [subprocess.Popen(
+      [sys.executable, TRAIN_SCRIPT, *cli_flags(config), '--workdir', str(workdir),
+       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={index}'],
+      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for index in (0, 1)]
+
+
+def finish(processes, timeout=400) -> list[str]:
+  """Waits for every process; asserts each exited 0; returns their stderr."""
+  try:
+    outputs = [process.communicate(timeout=timeout)[1] for process in processes]
+  finally:
+    for process in processes:
+      process.kill()
+  for process, stderr in zip(processes, outputs):
+    assert process.returncode == 0, stderr[-3000:]
+  return outputs
+
+
 def test_two_processes_train_checkpoint_and_restore(fashion_mnist_data_dir, tmp_path):
   """jax.distributed on localhost: two CPU processes share one global batch and one workdir."""
   workdir = tmp_path / 'run'
-
-  def launch(num_steps):
-    port = free_port()
-    config = tiny_config(fashion_mnist_data_dir, num_train_steps=num_steps)
-    processes = [subprocess.Popen(
-        [sys.executable, TRAIN_SCRIPT, *cli_flags(config), '--workdir', str(workdir),
-         f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={index}'],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for index in (0, 1)]
-    outputs = [process.communicate(timeout=400)[1] for process in processes]
-    for process, stderr in zip(processes, outputs):
-      assert process.returncode == 0, stderr[-3000:]
-    return outputs
-
-  first = launch(8)
+  first = finish(launch_two_processes(tiny_config(fashion_mnist_data_dir, num_train_steps=8),
+                                      workdir))
   assert 'process 1 of 2' in first[1] and '2 devices on 2 hosts' in first[0]
   assert saved_steps(workdir)[-1] == 8
-  second = launch(12)
+  second = finish(launch_two_processes(tiny_config(fashion_mnist_data_dir, num_train_steps=12),
+                                       workdir))
   assert 'resuming at step 8' in second[0]
   assert saved_steps(workdir)[-1] == 12
   evals = [json.loads(line) for line in (workdir / 'metrics.jsonl').open()
            if '"eval"' in line]
   assert [record['examples'] for record in evals] == [10_000, 10_000]
+
+
+def test_sigterm_to_one_host_saves_the_same_step_on_both_and_they_resume(fashion_mnist_data_dir,
+                                                                         tmp_path):
+  """Preemption agreed across hosts: only process 1 gets SIGTERM; both save one step, exit 0."""
+  config = tiny_config(fashion_mnist_data_dir, num_train_steps=400, checkpoint_every_steps=100,
+                       log_every_steps=2)
+  workdir = tmp_path / 'run'
+  processes = launch_two_processes(config, workdir)
+  metrics_file = workdir / 'metrics.jsonl'
+  try:
+    for process in processes:
+      wait_for(lambda: metrics_file.exists() and '"train"' in metrics_file.read_text(), 300,
+               process)
+    processes[1].send_signal(signal.SIGTERM)
+  except BaseException:
+    for process in processes:
+      process.kill()
+    raise
+  outputs = finish(processes, timeout=200)
+  steps = saved_steps(workdir)
+  assert len(steps) == 1 and 0 < steps[0] < 100, steps  # Saved at preemption, not on schedule.
+  for stderr in outputs:  # The same step, decided together.
+    assert f'SIGTERM (preemption) at step {steps[0]} on every host' in stderr, stderr[-3000:]
+
+  resumed = finish(launch_two_processes(
+      tiny_config(fashion_mnist_data_dir, num_train_steps=steps[0] + 4, checkpoint_every_steps=100,
+                  log_every_steps=2), workdir))
+  assert f'resuming at step {steps[0]}' in resumed[0]
+  assert saved_steps(workdir)[-1] == steps[0] + 4

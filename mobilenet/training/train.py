@@ -69,19 +69,39 @@ def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -
   return max(int(config.num_epochs * steps_per_epoch), 1)
 
 
-class _PreemptionFlag:
-  """Turns SIGTERM into a flag the loop checks, so it can save before exiting."""
+class Preemption:
+  """When to save and stop because this job is being preempted, agreed by every host.
+
+  One host: SIGTERM sets a flag that the loop reads after each step. Several
+  hosts: each would see its own signal at its own step, and a collective
+  checkpoint save needs them all at the same one. There JAX's preemption
+  service (started by `jax.distributed.initialize`, which also catches SIGTERM)
+  spreads the notice to every host and picks the step all of them reach next;
+  `reached(step)` is True on every host at that same step. It must be asked at
+  every step, so no Python handler is installed then (it would take SIGTERM
+  from the service).
+  """
 
   def __init__(self):
-    self.raised = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._multihost = jax.process_count() > 1
+    self._raised = False
+    self._previous = None
+    if not self._multihost:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
-    self.raised = True
+    self._raised = True
+
+  def reached(self, step: int) -> bool:
+    if self._multihost:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._raised
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def evaluate(state: TrainState, eval_fn, config: ml_collections.ConfigDict,
@@ -183,7 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpoint_every = (config.checkpoint_every_steps if config.checkpoint_every_steps > 0
                       else steps_per_epoch)
 
-  preemption = _PreemptionFlag()
+  preemption = Preemption()
   progress = metrics.Progress(num_steps, start_step, config.batch_size)
   train_batches = input_pipeline.create_train_iterator(config, start_step=start_step)
   pending, interval_start = [], time.perf_counter()
@@ -214,7 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       pending.append(step_metrics)
       progress.advance(step)
       last = step == num_steps
-      preempted = preemption.raised  # Read once: the signal may arrive while this step runs.
+      preempted = preemption.reached(step)  # Asked once per step: the signal may arrive meanwhile.
       will_save = last or step % checkpoint_every == 0 or preempted
       if step % log_every == 0 or will_save:
         summary = _summarize_train(pending, step, interval_start, config.batch_size)
@@ -226,8 +246,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpoints.save(step, state)
       if preempted:
         checkpoints.wait()
-        logging.warning('SIGTERM at step %d: checkpoint saved in %s; rerun the same command to '
-                        'resume', step, workdir)
+        logging.warning('SIGTERM (preemption) at step %d%s: checkpoint saved in %s; rerun the '
+                        'same command to resume', step,
+                        ' on every host' if jax.process_count() > 1 else '', workdir)
         return {}
       if last or step % eval_every == 0:
         with progress.paused(state):
