@@ -22,6 +22,7 @@ def keras():
   return keras_module
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('alpha', [0.35, 0.5, 0.75, 1.0, 1.3, 1.4])
 def test_mobilenet_v2_counts_equal_keras(keras, alpha):
   model = keras.applications.MobileNetV2(alpha=alpha, weights=None)
@@ -29,6 +30,7 @@ def test_mobilenet_v2_counts_equal_keras(keras, alpha):
   assert (total.params, total.batch_stats) == keras_counts(model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('size', ['large', 'small'])
 @pytest.mark.parametrize('minimalistic', [False, True])
 @pytest.mark.parametrize('alpha', [0.75, 1.0])
@@ -41,6 +43,7 @@ def test_mobilenet_v3_counts_equal_keras(keras, size, minimalistic, alpha):
   assert (total.params, total.batch_stats) == keras_counts(model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('alpha', [1.0, 0.5])
 def test_mobilenet_v1_counts_equal_keras(keras, alpha):
   model = keras.applications.MobileNet(alpha=alpha, weights=None)

@@ -8,6 +8,8 @@ import pytest
 
 from mobilenet.data import fashion_mnist_offline
 
+pytestmark = pytest.mark.slow  # The whole module is the full tier (see pyproject.toml).
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 ENSURE = r'''

@@ -8,7 +8,8 @@ from mobilenet.ops import convolution
 from mobilenet.ops.cpu import kernels as cpu_kernels
 
 
-@pytest.mark.parametrize('implementation', ['patches', 'cpu_kernel', 'auto'])
+@pytest.mark.parametrize('implementation', [pytest.param('patches', marks=pytest.mark.slow),
+                                            'cpu_kernel', 'auto'])
 @pytest.mark.parametrize('strides,size,channels,features',
                          [(1, 8, 3, 16), (2, 9, 3, 8), (2, 8, 5, 12), (1, 7, 1, 3), (2, 10, 3, 40),
                           (1, 1, 3, 8), (1, 6, 2, 24)])

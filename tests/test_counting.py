@@ -108,7 +108,8 @@ def single_layer(spec: LayerSpec) -> nn.Module:
 @pytest.mark.parametrize('name, kwargs', [
     ('mobilenet_v1', dict(width_multiplier=0.25, form='imagenet')),
     ('mobilenet_v1', dict(width_multiplier=0.5, form='cifar', conv_type='standard')),
-    ('mobilenet_v3_small', dict(width_multiplier=0.5, form='imagenet')),
+    pytest.param('mobilenet_v3_small', dict(width_multiplier=0.5, form='imagenet'),
+                 marks=pytest.mark.slow),
 ])
 def test_counts_equal_xla_cost_analysis(name, kwargs):
   """Every layer's mult-adds equal half of XLA's flops for that layer alone."""

@@ -97,6 +97,7 @@ def test_bad_sweep_fields_and_values_fail_before_anything_runs(tmp_path):
                     dry_run=True)
 
 
+@pytest.mark.slow
 def test_dry_run_script_prints_one_command_per_variant_and_runs_nothing(tmp_path):
   sweep_dir = tmp_path / 'sweep'
   result = subprocess.run(
@@ -124,6 +125,7 @@ def test_ablation_configs_carry_a_valid_default_grid(tmp_path, capsys):
   assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_a_failing_variant_is_reported_and_the_others_run(tmp_path, monkeypatch, capsys):
   calls = []
 
@@ -141,6 +143,7 @@ def test_a_failing_variant_is_reported_and_the_others_run(tmp_path, monkeypatch,
   assert '[1/2] width_multiplier=0.5: FAILED' in out and '[2/2] width_multiplier=0.25: done' in out
 
 
+@pytest.mark.slow
 @needs_data
 def test_sweep_trains_every_variant_and_writes_the_comparison(finished_sweep):
   sweep_dir, config, log = finished_sweep
@@ -167,6 +170,7 @@ def test_sweep_trains_every_variant_and_writes_the_comparison(finished_sweep):
   assert table[3].startswith('| width_multiplier=0.5 |')
 
 
+@pytest.mark.slow
 @needs_data
 def test_rerunning_the_sweep_skips_finished_variants(finished_sweep, monkeypatch, capsys):
   sweep_dir, config, _ = finished_sweep
@@ -186,6 +190,7 @@ def test_rerunning_the_sweep_skips_finished_variants(finished_sweep, monkeypatch
   assert sweep.variant_state(longer, variant) == 'resume'
 
 
+@pytest.mark.slow
 @needs_data
 def test_runs_without_a_checkpoint_or_config_are_reported_and_others_evaluate(
     finished_sweep, tmp_path):
@@ -210,6 +215,7 @@ def test_runs_without_a_checkpoint_or_config_are_reported_and_others_evaluate(
   assert (output / 'accuracy_vs_params.png').exists()
 
 
+@pytest.mark.slow
 def test_layer_timing_covers_every_layer_and_shares_sum_to_one():
   from configs import cifar10
   from mobilenet.bench import layer_timing

@@ -54,6 +54,7 @@ def _stored_labels(builder, split):
   return tf.io.parse_example(records, features)['label'].numpy()
 
 
+@pytest.mark.slow
 def test_is_a_real_tfds_dataset_with_the_original_labels(data_dir):
   builder = tfds.builder('fashion_mnist', data_dir=data_dir)
   assert builder.is_prepared()
@@ -69,6 +70,7 @@ def test_is_a_real_tfds_dataset_with_the_original_labels(data_dir):
     np.testing.assert_array_equal(np.sort(labels), np.sort(debian))
 
 
+@pytest.mark.slow
 def test_test_split_holds_the_debian_examples(data_dir):
   images, labels = _split(data_dir, 'test')
   debian_images = _debian_array('t10k-images-idx3-ubyte.gz', 16)
@@ -79,6 +81,7 @@ def test_test_split_holds_the_debian_examples(data_dir):
   assert prepared == expected
 
 
+@pytest.mark.slow
 def test_second_prepare_is_a_quick_no_op(data_dir):
   start = time.perf_counter()
   assert not fashion_mnist_offline.prepare(data_dir)
@@ -86,6 +89,7 @@ def test_second_prepare_is_a_quick_no_op(data_dir):
   assert time.perf_counter() - start < 2
 
 
+@pytest.mark.slow
 def test_eval_pipeline_sees_each_test_example_once(data_dir):
   config = _config(data_dir)
   info = input_pipeline.get_dataset_info(config)

@@ -35,8 +35,10 @@ def trained_looking_variables(model, images):
 
 @needs_kernels
 @pytest.mark.parametrize('form,resolution,alpha,activation', [
-    ('cifar', 32, 0.25, 'relu'),     # Every depthwise layer on the fused C++ loop.
-    ('cifar', 16, 0.3, 'relu6'),     # 9, 19, 38 ... channels: the XLA steps around the kernel.
+    pytest.param('cifar', 32, 0.25, 'relu',  # Every depthwise layer on the fused C++ loop.
+                 marks=pytest.mark.slow),
+    pytest.param('cifar', 16, 0.3, 'relu6',  # 9, 19, 38 ... channels: the XLA steps around the kernel.
+                 marks=pytest.mark.slow),
     ('imagenet', 64, 0.25, 'relu'),  # Stem at stride 2.
 ])
 def test_fused_inference_matches_layer_by_layer(form, resolution, alpha, activation):

@@ -215,6 +215,7 @@ def test_missing_imagenet_names_the_manual_dir(tmp_path):
   assert str(tmp_path / 'downloads' / 'manual') in message
 
 
+@pytest.mark.slow
 def test_benchmark_cli_exits_2_within_30_s_when_cifar10_is_missing(tmp_path):
   url = 'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz'
   if input_pipeline._host_reachable(url):

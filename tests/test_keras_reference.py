@@ -6,6 +6,8 @@ from mobilenet.models import architectures, fused_inference, keras_weights
 from mobilenet.models.mobilenet import MobileNet
 from mobilenet.ops.cpu import kernels as cpu_kernels
 
+pytestmark = pytest.mark.slow  # The whole module is the full tier (see pyproject.toml).
+
 RESOLUTION = 64  # Small, and even at every stride-2 layer (as 224 is): Keras' V1 pads like 'SAME'.
 
 

@@ -27,15 +27,17 @@ def forward(model, resolution, channels=3, batch=2, train=False):
   return logits
 
 
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize('alpha', [1.0, 0.25])
-@pytest.mark.parametrize('form, resolution', [('imagenet', 224), ('cifar', 32)])
+@pytest.mark.parametrize('dtype', [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
+@pytest.mark.parametrize('alpha', [pytest.param(1.0, marks=pytest.mark.slow), 0.25])
+@pytest.mark.parametrize('form, resolution', [pytest.param('imagenet', 224, marks=pytest.mark.slow),
+                                              ('cifar', 32)])
 def test_v1_forward_every_form_alpha_and_dtype(form, resolution, alpha, dtype):
   logits = forward(net(alpha=alpha, form=form, dtype=dtype), resolution, batch=1)
   assert logits.shape == (1, 10) and logits.dtype == jnp.float32
   assert np.all(np.isfinite(logits))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', architectures.NAMES[1:])
 @pytest.mark.parametrize('form, resolution', [('imagenet', 64), ('cifar', 28)])
 def test_v2_v3_forward_and_train_mode(name, form, resolution):

@@ -48,6 +48,7 @@ def relative_l2(have, want) -> float:
                max(np.linalg.norm(want), 1e-12))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', architectures.NAMES)
 def test_fast_ops_equal_plain_ops(name):
   images = jax.random.normal(jax.random.key(1), (BATCH, SIZE, SIZE, 3))

@@ -65,6 +65,7 @@ def test_no_plain_python_in_the_readme():
   assert not [line for line in lines if re.match(r'\s*python\s', line)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('command', COMMANDS)
 def test_readme_command_parses(command):
   """The script accepts every flag, the config file and every override of the command."""
@@ -73,6 +74,7 @@ def test_readme_command_parses(command):
   assert result.returncode == 0, f'{command}\n{result.stderr[-2000:]}'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('command', [c for c in COMMANDS if 'count_params.py' in c])
 def test_readme_count_params_commands_run(command):
   result = run_script(shlex.split(command)[1:])
@@ -108,6 +110,7 @@ def test_two_commands_are_what_ci_runs():
   assert 'pip install -q --disable-pip-version-check -r requirements.txt' in setup
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_help_exits_0_and_explains_the_config(script):
   result = run_script([f'scripts/{script}', '--help'])

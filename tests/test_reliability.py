@@ -84,6 +84,7 @@ def _damage(step_folder: pathlib.Path, kind: str) -> None:
     largest.unlink()
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_is_set_aside_and_the_run_finishes_again(
     fashion_mnist_data_dir, tmp_path, caplog):
   config = tiny_config(fashion_mnist_data_dir, num_train_steps=6, checkpoint_every_steps=1,
@@ -159,6 +160,7 @@ def test_an_intact_checkpoint_of_another_state_is_refused_naming_the_fix(tmp_pat
     {'optimizer.learning_rate': 1e6, 'log_every_steps': 5, 'checkpoint_every_steps': 5},
     {'optimizer.learning_rate': 1e30, 'log_every_steps': 1, 'checkpoint_every_steps': 1},
 ], ids=['exploding', 'nan'])
+@pytest.mark.slow
 def test_divergence_keeps_only_a_state_that_is_finite_and_evaluates(overrides,
                                                                      fashion_mnist_data_dir,
                                                                      tmp_path):
@@ -183,6 +185,7 @@ def test_divergence_keeps_only_a_state_that_is_finite_and_evaluates(overrides,
   assert train.train_and_evaluate(config, str(workdir))['examples'] == 10_000
 
 
+@pytest.mark.slow
 def test_eval_reports_a_state_with_non_finite_statistics_as_diverged(one_step_run, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(one_step_run, workdir)
@@ -205,6 +208,7 @@ def test_eval_reports_a_state_with_non_finite_statistics_as_diverged(one_step_ru
 
 # --- 3 and 4: kill -9 leaves each (split, step) once and the final eval row ---------------------
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_gives_the_metrics_of_an_uninterrupted_run(fashion_mnist_data_dir,
                                                                      tmp_path):
   config = tiny_config(fashion_mnist_data_dir, num_train_steps=200, checkpoint_every_steps=40,
@@ -238,6 +242,7 @@ def test_kill_9_then_rerun_gives_the_metrics_of_an_uninterrupted_run(fashion_mni
   assert (workdir / run_folder.DROPPED_METRICS_FILE).exists()  # Moved, not deleted.
 
 
+@pytest.mark.slow
 def test_final_eval_row_lost_to_a_kill_is_written_and_printed_by_the_rerun(
     fashion_mnist_data_dir, tmp_path, caplog):
   config = tiny_config(fashion_mnist_data_dir, num_train_steps=4)
@@ -259,6 +264,7 @@ def test_final_eval_row_lost_to_a_kill_is_written_and_printed_by_the_rerun(
 
 # --- 5, 6, 7: what a resume may change, and input that is refused changes nothing ---------------
 
+@pytest.mark.slow
 def test_resume_refuses_state_and_data_changes_and_accepts_implementation_changes(
     fashion_mnist_data_dir, tmp_path):
   config = tiny_config(fashion_mnist_data_dir, num_train_steps=4)
@@ -302,6 +308,7 @@ def one_step_run(fashion_mnist_data_dir, tmp_path_factory) -> pathlib.Path:
     ({'model.resolution': 4096, 'batch_size': 4096}, 'needs about'),
 ], ids=['batch over the split', 'infinite width', 'huge width', 'huge resolution',
         'more memory than the machine'])
+@pytest.mark.slow
 def test_refused_input_leaves_an_existing_run_and_a_new_path_untouched(
     overrides, named, one_step_run, fashion_mnist_data_dir, tmp_path):
   existing = tmp_path / 'run'
@@ -317,6 +324,7 @@ def test_refused_input_leaves_an_existing_run_and_a_new_path_untouched(
   assert not (tmp_path / 'new').exists()
 
 
+@pytest.mark.slow
 def test_a_start_that_crashed_before_its_first_checkpoint_does_not_block_the_fixed_command(
     fashion_mnist_data_dir, tmp_path, monkeypatch):
   workdir = tmp_path / 'run'
@@ -362,6 +370,7 @@ def test_a_data_dir_that_is_a_file_or_read_only_is_one_line(tmp_path):
 
 # --- 10: one trainer per workdir ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_trainer_is_refused_and_a_killed_ones_lock_does_not_block(
     fashion_mnist_data_dir, tmp_path):
   config = tiny_config(fashion_mnist_data_dir, num_train_steps=100_000, checkpoint_every_steps=50,
@@ -409,6 +418,7 @@ def _fail_at_second_save(monkeypatch, action):
   monkeypatch.setattr(checkpointing.Checkpoints, 'save', save)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('fault,named', [
     ('deleted', 'deleted'), ('immutable', 'not writable'), ('full disk', 'disk'),
     ('full disk mid-write', 'disk is full')])
@@ -478,6 +488,7 @@ def test_config_file_errors_keep_their_cause(tmp_path):
   assert 'cifar10.py' in lines[0] and not (tmp_path / 'run').exists()
 
 
+@pytest.mark.slow
 def test_eval_fails_for_nothing_evaluated_and_reads_damaged_runs_quietly(fashion_mnist_data_dir,
                                                                         tmp_path):
   typo = tmp_path / 'typo' / 'runs' / 'a'

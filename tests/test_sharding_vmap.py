@@ -85,6 +85,7 @@ for name in ('mobilenet_v1', 'mobilenet_v2'):
 '''
 
 
+@pytest.mark.slow
 def test_multi_device_train_step_runs_kernels_on_local_shards():
   """MobileNetV1 and V2 on 4 devices: no all-gather, same loss, gradients and statistics as 1."""
   result = subprocess.run(

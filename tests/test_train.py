@@ -19,6 +19,8 @@ from mobilenet.training import config_base, run_folder, train
 from mobilenet.experiments import evaluate
 from mobilenet.errors import EXIT_CODE, UserError
 
+pytestmark = pytest.mark.slow  # The whole module is the full tier (see pyproject.toml).
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = str(ROOT / 'scripts' / 'train.py')
 
