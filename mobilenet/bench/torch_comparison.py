@@ -251,6 +251,8 @@ def compare(settings: Sequence[Setting], *, threads: int = 2, rounds: int = 3, w
                                     counts_only=True), cpus, f'{setting.label}: PyTorch counts')
     check_same_networks(setting, counts[setting], theirs)
     torch_framework = theirs['framework']
+    log(f'  {setting.label}: {theirs["params"]:,} parameters and {theirs["batch_stats"]:,} '
+        'BatchNorm statistics on both sides')
   machine = machine_description(threads, torch_framework)
   log(f'{machine["cpu"]}, {machine["cpus"]} CPUs, both sides on CPUs {cpus}; '
       f'{torch_framework} vs jax {machine["jax"]}; {rounds} rounds of {warmup} warm-up + '
