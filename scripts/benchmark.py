@@ -1,4 +1,4 @@
-r"""Train/eval images per second, compile time and memory of the MobileNet family on synthetic batches.
+r"""Train/eval images per second, start-up, compile time and memory of the MobileNet family on synthetic batches.
 
   python3 scripts/benchmark.py --config configs/cifar10.py --width_multipliers=0.25,0.5,1.0 \
       --implementations=xla,shifted --json
@@ -7,8 +7,14 @@ r"""Train/eval images per second, compile time and memory of the MobileNet famil
 
 One row (or, with --json, one JSON line) per combination of the list flags;
 an empty list flag keeps the config's value. Uses whatever backend JAX sees.
+Each row has the train step's compile time (and the tracing's share of it) and
+its first call; after the table (with --json, on stderr) one line says how long
+the command took to its first training step, and where that time went:
+
+  python3 scripts/benchmark.py --config configs/default.py --steps=3
 """
 import json
+import sys
 
 from mobilenet import malloc_tuning
 
@@ -48,11 +54,14 @@ def main(argv):
   for setting in grid:  # Reject every bad value before the first compile.
     config_base.validate(setting.apply(config))
   rows = []
-  for setting in grid:
-    row = benchmark.benchmark_setting(config, setting, warmup=_WARMUP.value, steps=_STEPS.value)
+  for index, setting in enumerate(grid):
+    row = benchmark.benchmark_setting(config, setting, warmup=_WARMUP.value, steps=_STEPS.value,
+                                      first=index == 0)
     rows.append(row)
     if _JSON.value:
       print(json.dumps(row), flush=True)
+      if index == 0 and row['command_to_first_step_s'] is not None:
+        print(benchmark.format_startup(row), file=sys.stderr, flush=True)
   if not _JSON.value:
     print(benchmark.format_table(rows))
 

@@ -6,10 +6,17 @@ and the eval step, runs a few warm-up steps, and reports the median
 images/second over the timed steps, the compile times and the memory XLA
 plans for the step. No dataset is read: inputs are random images of the
 configured shape, so the numbers measure the model and step alone.
+
+Start-up is part of the row: the seconds to initialize the model and optimizer,
+to trace and lower the train step, to compile it, and its first call; and in the
+first row, the seconds from the command's start (the process's creation, so the
+interpreter, imports and the C++ kernels' build or load count) to the end of the
+first training step.
 """
 import dataclasses
 import functools
 import itertools
+import os
 import resource
 import statistics
 import time
@@ -80,7 +87,9 @@ def _steps(config: ml_collections.ConfigDict):
   schedule = optim.learning_rate_schedule(config, steps_per_epoch=100, total_steps=10_000)
   tx = optim.create_optimizer(config, schedule)
   image_shape = (config.model.resolution, config.model.resolution, config.input.channels)
-  state = train_step_lib.create_train_state(model, tx, config, image_shape)
+  # Jitted, as train.py does: run eagerly, init dispatches (and compiles) op by op, 10x slower.
+  state = jax.jit(functools.partial(train_step_lib.create_train_state, model, tx, config,
+                                    image_shape))()
   train_step = functools.partial(train_step_lib.train_step, model=model, tx=tx,
                                  schedule=schedule, config=config)
   apply_fn, _ = fused_inference.eval_apply(model, config.model.fused_inference)
@@ -89,18 +98,41 @@ def _steps(config: ml_collections.ConfigDict):
   return state, train_step, eval_step
 
 
+def seconds_since_process_start() -> Optional[float]:
+  """Seconds since this process was created (Linux's /proc; None elsewhere).
+
+  The process, not the interpreter: the CLIs re-execute themselves once for
+  the malloc settings (malloc_tuning.py), which keeps the process and its
+  start time, so this is the time since the command was typed.
+  """
+  try:
+    with open('/proc/self/stat') as stat:
+      # Field 22, counted after the command name (which may hold spaces) closes with ')'.
+      start_ticks = int(stat.read().rsplit(')', 1)[1].split()[19])
+    with open('/proc/uptime') as uptime:
+      return float(uptime.read().split()[0]) - start_ticks / os.sysconf('SC_CLK_TCK')
+  except (OSError, ValueError, IndexError):
+    return None
+
+
 def _compile(fn, *args, donate_argnums=()):
-  """AOT-compiles `fn`; returns (compiled, seconds, XLA's planned bytes or None)."""
+  """AOT-compiles `fn`; returns (compiled, lower seconds, compile seconds, XLA's planned bytes or None).
+
+  Lowering traces the Python (Flax modules, custom VJPs) into StableHLO;
+  compiling is XLA's part.
+  """
   start = time.perf_counter()
-  compiled = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
-  seconds = time.perf_counter() - start
+  lowered = jax.jit(fn, donate_argnums=donate_argnums).lower(*args)
+  lowered_at = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - lowered_at
   try:
     analysis = compiled.memory_analysis()
     planned = (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
                + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
   except (AttributeError, NotImplementedError, TypeError):
     planned = None
-  return compiled, seconds, planned
+  return compiled, lowered_at - start, compile_s, planned
 
 
 def median_seconds(run, warmup: int, steps: int) -> float:
@@ -122,20 +154,32 @@ def _device_peak_bytes() -> Optional[int]:
 
 
 def benchmark_setting(config: ml_collections.ConfigDict, setting: Setting, *, warmup: int = 2,
-                      steps: int = 10) -> Dict[str, Any]:
-  """Compiles and times the training and eval steps for one setting; returns one row."""
+                      steps: int = 10, first: bool = False) -> Dict[str, Any]:
+  """Compiles and times the training and eval steps for one setting; returns one row.
+
+  `first`: this is the command's first setting, so the row also gets
+  'command_to_first_step_s' (see the module docstring).
+  """
   config = setting.apply(config)
+  start = time.perf_counter()
   state, train_step, eval_step = _steps(config)
   batch = synthetic_batch(config)
-  train, train_compile_s, train_bytes = _compile(train_step, state, batch, donate_argnums=(0,))
-  evaluate, eval_compile_s, eval_bytes = _compile(eval_step, state, batch)
+  jax.block_until_ready((state, batch))
+  init_s = time.perf_counter() - start
+  train, train_lower_s, train_xla_s, train_bytes = _compile(train_step, state, batch,
+                                                            donate_argnums=(0,))
 
   def run_train():
     nonlocal state
     state, metrics = train(state, batch)
     jax.block_until_ready(metrics)
 
-  train_s = median_seconds(run_train, warmup, steps)
+  start = time.perf_counter()
+  run_train()
+  first_train_step_s = time.perf_counter() - start
+  command_to_first_step_s = seconds_since_process_start() if first else None
+  evaluate, eval_lower_s, eval_xla_s, eval_bytes = _compile(eval_step, state, batch)
+  train_s = median_seconds(run_train, max(warmup - 1, 0), steps)  # The first call warmed up too.
   eval_s = median_seconds(lambda: jax.block_until_ready(evaluate(state, batch)), warmup, steps)
   return {
       'backend': jax.default_backend(),
@@ -152,8 +196,16 @@ def benchmark_setting(config: ml_collections.ConfigDict, setting: Setting, *, wa
       'eval_img_s': round(setting.batch_size / eval_s, 1),
       'train_step_ms': round(1e3 * train_s, 2),
       'eval_step_ms': round(1e3 * eval_s, 2),
-      'train_compile_s': round(train_compile_s, 2),
-      'eval_compile_s': round(eval_compile_s, 2),
+      'params': sum(leaf.size for leaf in jax.tree.leaves(state.params)),
+      'batch_stats': sum(leaf.size for leaf in jax.tree.leaves(state.batch_stats)),
+      'init_s': round(init_s, 2),
+      # Lowering + XLA's compile, and the lowering's share of it.
+      'train_compile_s': round(train_lower_s + train_xla_s, 2),
+      'train_lower_s': round(train_lower_s, 2),
+      'eval_compile_s': round(eval_lower_s + eval_xla_s, 2),
+      'first_train_step_s': round(first_train_step_s, 2),
+      'command_to_first_step_s': (round(command_to_first_step_s, 2)
+                                  if command_to_first_step_s is not None else None),
       'train_planned_mb': train_bytes and round(train_bytes / 2**20, 1),
       'eval_planned_mb': eval_bytes and round(eval_bytes / 2**20, 1),
       'device_peak_mb': _device_peak_bytes() and round(_device_peak_bytes() / 2**20, 1),
@@ -162,12 +214,25 @@ def benchmark_setting(config: ml_collections.ConfigDict, setting: Setting, *, wa
 
 
 COLUMNS = ('architecture', 'width_multiplier', 'batch_size', 'resolution', 'dtype', 'resolved_implementation',
-           'train_img_s', 'eval_img_s', 'train_compile_s', 'eval_compile_s', 'train_planned_mb',
-           'device_peak_mb')
+           'train_img_s', 'eval_img_s', 'train_compile_s', 'train_lower_s', 'eval_compile_s',
+           'first_train_step_s', 'train_planned_mb', 'device_peak_mb')
 
 
 def format_table(rows: Sequence[Dict[str, Any]]) -> str:
-  """A Markdown table of the main columns."""
+  """A Markdown table of the main columns, then the command's start-up."""
   lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
   lines += ['| ' + ' | '.join(str(row[c]) for c in COLUMNS) + ' |' for row in rows]
+  if rows and rows[0].get('command_to_first_step_s') is not None:
+    lines.append('\n' + format_startup(rows[0]))
   return '\n'.join(lines)
+
+
+def format_startup(row: Dict[str, Any]) -> str:
+  """One line: from the command to the first training step, and where that time went."""
+  total = row['command_to_first_step_s']
+  before = total - row['init_s'] - row['train_compile_s'] - row['first_train_step_s']
+  return (f'start-up: {total:.1f} s from the command to the end of the first training step '
+          f'({before:.1f} s interpreter, imports and flags; {row["init_s"]:.1f} s model and '
+          f'optimizer init; {row["train_lower_s"]:.1f} s tracing and lowering; '
+          f'{row["train_compile_s"] - row["train_lower_s"]:.1f} s XLA compile; '
+          f'{row["first_train_step_s"]:.1f} s first step)')

@@ -7,10 +7,12 @@
 `cpu_loops.h`, the parallel loop, and `cpu_vectors.h`), into one shared
 library cached in `$MOBILENET_CACHE_DIR` (default `~/.cache/mobilenet`) under a
 key of the sources, the jax version and the CPU's feature flags, so a change of
-any of them rebuilds it. No build step and no dependency besides a compiler;
+any of them rebuilds it; a process that finds another building the same library
+waits for it instead of compiling too. No build step and no dependency besides a compiler;
 without one, callers fall back to pure-XLA code (`error()` says why).
 """
 import ctypes
+import fcntl
 import functools
 import hashlib
 import os
@@ -75,6 +77,22 @@ def build() -> pathlib.Path:
   if compiler is None:
     raise RuntimeError('no C++ compiler (g++) found to build the CPU kernels')
   library.parent.mkdir(parents=True, exist_ok=True)
+  # One build per library: processes started together (a run and the test suite on a
+  # fresh machine) would each spend the build's minute of both cores; the later ones
+  # wait for the first and load what it built.
+  with open(library.with_suffix('.lock'), 'w') as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      logging.info('Waiting for another process building the C++ CPU kernels into %s ...', library)
+      fcntl.flock(lock, fcntl.LOCK_EX)
+    if not library.exists():
+      _compile(compiler, library)
+  return library
+
+
+def _compile(compiler: str, library: pathlib.Path) -> None:
+  """Compiles SOURCES into `library` (atomically: a reader never sees a half-written file)."""
   # A minute of silence would look like a hang: say what runs and for how long.
   logging.info('Building the C++ CPU kernels with %s (once per machine and version; about '
                '20-80 s, longer on a busy machine) into %s ...', compiler, library)
@@ -87,7 +105,6 @@ def build() -> pathlib.Path:
                     '-lpthread'], check=True, capture_output=True)
     os.replace(partial, library)
   logging.info('Built the C++ CPU kernels in %.0f s', time.perf_counter() - start)
-  return library
 
 
 @functools.lru_cache(maxsize=None)
