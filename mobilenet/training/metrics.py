@@ -13,6 +13,9 @@ import time
 
 import jax
 from absl import logging
+from etils import epath
+
+from mobilenet.training import storage
 
 
 class MetricWriter:
@@ -24,8 +27,10 @@ class MetricWriter:
     self._summary = None
     if not self._active:
       return
-    workdir = pathlib.Path(workdir)
-    self._jsonl = open(workdir / 'metrics.jsonl', 'a', encoding='utf-8')
+    workdir = epath.Path(workdir)
+    # On gs:// each flush uploads the file again (an object cannot be appended to): metrics.jsonl
+    # stays small, and a killed run keeps the rows up to its last flush, as on a disk.
+    self._jsonl = (workdir / 'metrics.jsonl').open('a')
     if tensorboard:
       # Imported here: TensorFlow is only needed by a writer that is used.
       from flax.metrics import tensorboard as flax_tensorboard
@@ -165,6 +170,8 @@ def log_first_call(fn, what: str, expected: str):
 
 def _shown_path(path: str | pathlib.Path) -> str:
   """`path` relative to the current folder when it is inside it (shorter to copy)."""
+  if not storage.is_local(path):
+    return str(path)
   path = pathlib.Path(path).absolute()
   try:
     return str(path.relative_to(pathlib.Path.cwd()))
