@@ -29,7 +29,7 @@ import trustme
 from gcp_storage_emulator.handlers import objects as emulator_objects
 from gcp_storage_emulator import server as emulator_server
 
-# Two gaps of the emulator that TensorFlow's client runs into, closed here:
+# Gaps of the emulator that TensorFlow's and TensorStore's clients run into, closed here:
 _emulator_media_upload = emulator_objects._media_upload  # pylint: disable=protected-access
 _emulator_read_raw_data = emulator_server._read_raw_data  # pylint: disable=protected-access
 
@@ -50,8 +50,38 @@ def _media_upload_allowing_empty(request, response, storage):
   return _emulator_media_upload(request, response, storage)
 
 
+_emulator_download = emulator_objects.download
+
+
+def _download_with_generation(request, response, storage, *args, **kwargs):
+  """GCS names the object's generation in x-goog-generation on every download; TensorStore's
+  conditional writes (OCDBT's manifest) depend on it, and the emulator leaves it out."""
+  result = _emulator_download(request, response, storage, *args, **kwargs)
+  if response.status.value in (200, 206):
+    obj = storage.get_file_obj(request.params['bucket_name'], request.params['object_id'])
+    response['x-goog-generation'] = obj['generation']
+    response['x-goog-metageneration'] = obj.get('metageneration', '1')
+  return result
+
+
+def _storage_layout(request, response, storage):
+  """GET /storage/v1/b/BUCKET/storageLayout, which TensorFlow asks before renaming a folder
+  (hierarchical namespace or not); the emulator has no such route: a flat bucket."""
+  del storage
+  response.json({'kind': 'storage#storageLayout', 'bucket': request.params['bucket_name'],
+                 'location': 'US', 'locationType': 'multi-region',
+                 'hierarchicalNamespace': {'enabled': False}})
+
+
 emulator_objects._media_upload = _media_upload_allowing_empty  # pylint: disable=protected-access
 emulator_server._read_raw_data = _read_raw_data_chunked_first  # pylint: disable=protected-access
+emulator_objects.download = _download_with_generation  # objects.get calls it by name ...
+emulator_server.HANDLERS = (  # ... and the routes hold it.
+    (r'^/storage/v1/b/(?P<bucket_name>[-.\w]+)/storageLayout$',
+     {emulator_server.GET: _storage_layout}),
+    *((pattern, {method: _download_with_generation if handler is _emulator_download else handler
+                 for method, handler in handlers.items()})
+      for pattern, handlers in emulator_server.HANDLERS))
 
 
 def _free_port() -> int:

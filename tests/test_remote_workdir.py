@@ -61,15 +61,14 @@ def metric_keys(bucket, prefix: str) -> list[tuple[str, int]]:
 
 
 @pytest.mark.slow
-def test_train_resume_fall_back_and_evaluate_on_gcs(emulator, bucket):
+def test_train_resume_fall_back_and_evaluate_on_gcs(emulator, bucket, fashion_mnist_data_dir):
   run_dir = f'gs://{BUCKET}/runs/a'
   prefix = 'runs/a/'
-  # The data dir on gs:// too: the trainer prepares Fashion-MNIST there (TFDS writes through
-  # TensorFlow's GCS file system), and tf.data reads it back.
-  data = [f'--config.data_dir=gs://{BUCKET}/tfds']
-
-  first = run('train.py', [*TINY, *data, '--config.num_train_steps=8', '--workdir', run_dir],
-              emulator)
+  # The first run has its data dir on gs:// too: the trainer prepares Fashion-MNIST there (TFDS
+  # writes through TensorFlow's GCS file system) and tf.data reads it back. The others read a
+  # local copy (config.data_dir may change on resume), since the emulator moves ~1 MB/s.
+  first = run('train.py', [*TINY, f'--config.data_dir=gs://{BUCKET}/tfds',
+                           '--config.num_train_steps=8', '--workdir', run_dir], emulator)
   assert first.returncode == 0, first.stderr[-3000:]
   files = objects(bucket, prefix)
   assert {'config.json', 'metrics.jsonl', 'checkpoints/4/checksums.sha256',
@@ -77,6 +76,7 @@ def test_train_resume_fall_back_and_evaluate_on_gcs(emulator, bucket):
   assert any(name.startswith('tensorboard/events.out.tfevents') for name in files)
   assert 'train.lock' not in files  # Deleted when the run ended.
   assert json.loads(text(bucket, prefix + 'config.json'))['num_train_steps'] == 8
+  data = [f'--config.data_dir={fashion_mnist_data_dir}']
   assert any(name.startswith('fashion_mnist/') for name in objects(bucket, 'tfds/'))
   assert f'checkpoints  {run_dir}/checkpoints' in first.stderr  # The summary keeps gs://.
 
@@ -98,6 +98,7 @@ def test_train_resume_fall_back_and_evaluate_on_gcs(emulator, bucket):
   assert 'resuming at step 8' in resumed.stderr
   history = text(bucket, prefix + 'config_history.jsonl').splitlines()
   assert len(history) == 1 and '"num_train_steps": 8' in json.loads(history[0])['config_json']
+  assert 'gs://' in json.loads(history[0])['config_json']  # The data dir it was started with.
   keys = metric_keys(bucket, prefix)
   assert len(keys) == len(set(keys)) and ('eval', 12) in keys and ('train', 12) in keys
 
@@ -114,7 +115,8 @@ def test_train_resume_fall_back_and_evaluate_on_gcs(emulator, bucket):
   assert 'resuming at step 8' in again.stderr
 
   # scripts/eval.py on a gs:// glob; the outputs go to the runs' common folder, gs://bucket/runs.
-  evaluated = run('eval.py', ['--workdir', f'gs://{BUCKET}/runs/*'], emulator)
+  evaluated = run('eval.py', ['--workdir', f'gs://{BUCKET}/runs/*', '--data_dir',
+                              fashion_mnist_data_dir], emulator)
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   assert '| a | mobilenet_v1 |' in evaluated.stdout and '| ok |' in evaluated.stdout
   outputs = objects(bucket, 'runs/')
@@ -141,3 +143,13 @@ def test_sweep_on_gcs(emulator, bucket, fashion_mnist_data_dir):
                            '--config.num_train_steps=4', '--workdir', sweep_dir,
                            '--sweep', 'model.width_multiplier=0.25'], emulator)
   assert rerun.returncode == 0 and 'finished, skipped' in rerun.stdout, rerun.stderr[-2000:]
+
+
+def test_gcs_paths_keep_their_scheme_in_sweeps_and_eval_outputs():
+  from mobilenet.experiments import evaluate, sweep  # pylint: disable=import-outside-toplevel
+  assert evaluate.default_output_dir(['gs://b/runs/a', 'gs://b/runs/b/']) == 'gs://b/runs'
+  assert evaluate.default_output_dir(['gs://b/x/a', 'gs://b/y/a']) == 'gs://b'
+  grid = sweep.variants(sweep.parse_axes(['model.width_multiplier=0.25,0.5']), 'gs://b/sweep')
+  assert [str(v.workdir) for v in grid] == ['gs://b/sweep/width_multiplier=0.25',
+                                            'gs://b/sweep/width_multiplier=0.5']
+  assert f'--workdir={grid[0].workdir}' in sweep.train_command('c.py', {}, grid[0])

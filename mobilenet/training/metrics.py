@@ -29,8 +29,10 @@ class MetricWriter:
       return
     workdir = epath.Path(workdir)
     # On gs:// each flush uploads the file again (an object cannot be appended to): metrics.jsonl
-    # stays small, and a killed run keeps the rows up to its last flush, as on a disk.
-    self._jsonl = (workdir / 'metrics.jsonl').open('a')
+    # stays small, and a killed run keeps the rows up to its last flush, as on a disk. epath
+    # opens a gs:// file as a context manager only: the stack keeps it open until close().
+    self._files = contextlib.ExitStack()
+    self._jsonl = self._files.enter_context((workdir / 'metrics.jsonl').open('a'))
     if tensorboard:
       # Imported here: TensorFlow is only needed by a writer that is used.
       from flax.metrics import tensorboard as flax_tensorboard
@@ -51,7 +53,7 @@ class MetricWriter:
 
   def close(self) -> None:
     if self._jsonl is not None:
-      self._jsonl.close()
+      self._files.close()
     if self._summary is not None:
       self._summary.close()
 
