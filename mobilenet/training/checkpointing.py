@@ -203,11 +203,8 @@ class Checkpoints:
     """Removes the unfinished temporary folder (no data: never committed) and names the problem."""
     self._failed = True
     if jax.process_index() == 0 and step is not None and self._directory.is_dir():
-      for path in self._directory.glob(f'{step}{_TMP_MARKER}*'):
-        try:
-          path.rmtree()
-        except Exception:  # pylint: disable=broad-except  # Best effort: Orbax ignores it.
-          pass
+      for path in self._directory.glob(f'{step}{_TMP_MARKER}*'):  # (Local only: no rename on gs://.)
+        shutil.rmtree(path, ignore_errors=True)
     problem, fix = _write_problem(error)
     try:
       steps = [int(p.name) for p in self._directory.iterdir() if p.name.isdigit()]
