@@ -1,19 +1,25 @@
 """Google Cloud Storage on this machine, for tests: gs://BUCKET/... that TensorFlow and Orbax reach offline.
 
-Three clients touch a gs:// workdir, and they find their server in different ways:
+Three clients touch a gs:// workdir, and each finds its server its own way:
 
-- TensorStore (Orbax's arrays) reads TENSORSTORE_GCS_HTTP_URL: pointed straight at the emulator.
-- TensorFlow's GCS file system (tf.io.gfile, so etils.epath, TensorBoard and TFDS) has
-  https://www.googleapis.com and https://storage.googleapis.com built in. Its HTTP client
-  (libcurl) honours `https_proxy` and `CURL_CA_BUNDLE`, so the requests go to a local proxy
+- TensorStore (Orbax's arrays, the workdir's lock) reads TENSORSTORE_GCS_HTTP_URL: pointed
+  straight at the emulator.
+- google-cloud-storage (Orbax asks it whether the bucket has a hierarchical namespace) reads
+  STORAGE_EMULATOR_HOST, likewise.
+- TensorFlow's GCS file system (tf.io.gfile, so etils.epath, TensorBoard, TFDS and tf.data)
+  has https://www.googleapis.com and https://storage.googleapis.com built in. Its HTTP client
+  (libcurl) honours `https_proxy` and `CURL_CA_BUNDLE`, so its requests go to a local proxy
   that answers CONNECT for any host, ends TLS with a certificate from a throw-away
   certificate authority (trustme) that only these processes trust, and hands the plain
-  HTTP to the emulator. No request leaves the machine.
-- Both take GOOGLE_AUTH_TOKEN_FOR_TESTING as their credentials (the emulator checks none).
+  HTTP to the emulator; the emulator's own http:// upload URLs go through it as well.
+  No request leaves the machine.
+- TensorFlow and TensorStore take GOOGLE_AUTH_TOKEN_FOR_TESTING as their credentials (the
+  emulator checks none).
 
 The emulator is gcp-storage-emulator (JSON and XML API, resumable uploads, rewrite, ranges;
-in memory). It does not enforce generation preconditions (ifGenerationMatch): that only
-matters to concurrent writers of one object, which these tests do not have.
+in memory; one request at a time), with the four gaps below closed. It does not enforce
+generation preconditions (ifGenerationMatch): that matters only to concurrent writers of one
+object, which these tests do not have.
 """
 import contextlib
 import logging

@@ -181,11 +181,27 @@ def _acquire_object_lock(path: epath.Path) -> tuple:
                     f'if that trainer is gone (killed, VM lost), delete the lock: gcloud storage '
                     f'rm {lock}') from None
   except Exception as error:  # TensorStore raises ValueError for every I/O failure.
-    raise UserError(f'--workdir {path} cannot be written ({type(error).__name__}: '
-                    f'{" ".join(str(error).split())[:200]}); check the path and that this '
-                    'machine may write there (e.g. roles/storage.objectUser on the bucket), or '
-                    'pass another --workdir') from None
+    raise _not_writable(path, error) from None
   return store, written.generation
+
+
+def _not_writable(path: epath.Path, error: Exception) -> UserError:
+  return UserError(f'--workdir {path} cannot be written ({type(error).__name__}: '
+                   f'{" ".join(str(error).split())[:200]}); check the path and that this '
+                   'machine may write there (e.g. roles/storage.objectUser on the bucket), or '
+                   'pass another --workdir')
+
+
+def create(path: epath.Path) -> None:
+  """Creates the workdir; on an object store, where no local check sees the permissions
+  (IAM), a refused write is one line."""
+  if storage.is_local(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except Exception as error:  # TensorFlow's errors (PermissionDenied, ...) are not OSErrors.
+    raise _not_writable(path, error) from None
 
 
 class _LockHeld(Exception):

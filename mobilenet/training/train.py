@@ -47,14 +47,14 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> epath.Pa
   existing = path
   while storage.is_local(path) and not existing.exists():
     existing = existing.parent
-  # A bucket's permissions are IAM roles that no local check sees: there the lock object,
-  # the first write, is the probe (run_folder.acquire_lock says so in one line).
+  # A bucket's permissions are IAM roles that no local check sees: there the first writes
+  # (run_folder.create, acquire_lock) are the probe, and a refusal is one line.
   if storage.is_local(path) and not os.access(existing, os.W_OK | os.X_OK):
     raise UserError(f'--workdir {path} is not writable ({existing} denies writing); pass a '
                     'folder you can write to')
   run_folder.check_resume(path, config)
   if jax.process_index() == 0:
-    path.mkdir(parents=True, exist_ok=True)
+    run_folder.create(path)
     run_folder.acquire_lock(path)
     try:
       run_folder.check_resume(path, config)  # Again, under the lock: a run may have just ended.
