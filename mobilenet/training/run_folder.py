@@ -180,7 +180,7 @@ def _acquire_object_lock(path: epath.Path) -> tuple:
                     f'lock {lock}); wait for it to finish or stop it, or pass another --workdir; '
                     f'if that trainer is gone (killed, VM lost), delete the lock: gcloud storage '
                     f'rm {lock}') from None
-  except Exception as error:  # TensorStore raises ValueError for every I/O failure.
+  except Exception as error:  # TensorStore reports I/O failures as ValueError, among others.
     raise _not_writable(path, error) from None
   return store, written.generation
 
