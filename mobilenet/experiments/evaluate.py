@@ -7,23 +7,26 @@ them), evaluates top-1 and top-5 on the whole test split with the trainer's
 accuracy_vs_params.png, accuracy_vs_mult_adds.png (the paper's Figures 4-5)
 and TensorBoard scalars with the parameter / mult-add count as the step. It
 returns the Markdown table, sorted by parameters. A workdir without a config
-or a checkpoint, or one that fails, becomes a row saying so.
+or a checkpoint, or one that fails, becomes a row saying so. Workdirs and the
+output folder may be local or on an object store (gs://bucket/runs/*).
 """
 import csv
 import dataclasses
 import functools
 import glob
+import io
 import json
 import math
 import os
-import pathlib
+import posixpath
 import re
 
 import jax
 import ml_collections
 from absl import logging
+from etils import epath
 
-from mobilenet.training import checkpointing, config_base, optim, parallel, train
+from mobilenet.training import checkpointing, config_base, optim, parallel, storage, train
 from mobilenet.models import counting
 from mobilenet.errors import UserError
 from mobilenet.models import fused_inference
@@ -57,8 +60,18 @@ FIELDS = [field.name for field in dataclasses.fields(RunResult)]
 
 
 def _looks_like_run(path: str) -> bool:
-  return (os.path.isfile(os.path.join(path, train.CONFIG_FILE))
-          or os.path.isdir(os.path.join(path, 'checkpoints')))
+  return ((epath.Path(path) / train.CONFIG_FILE).is_file()
+          or (epath.Path(path) / 'checkpoints').is_dir())
+
+
+def _glob(pattern: str) -> list[str]:
+  """glob.glob, for gs://bucket/runs/* too (through epath: the folder before the first
+  wildcard, globbed with the rest)."""
+  if storage.is_local(pattern) or not glob.has_magic(pattern):
+    return glob.glob(pattern)
+  parts = pattern.split('/')
+  first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+  return [str(path) for path in epath.Path('/'.join(parts[:first])).glob('/'.join(parts[first:]))]
 
 
 def expand_workdirs(patterns: list[str]) -> list[str]:
@@ -70,7 +83,7 @@ def expand_workdirs(patterns: list[str]) -> list[str]:
   """
   workdirs = []
   for pattern in patterns:
-    matches = sorted(path for path in glob.glob(pattern) if _looks_like_run(path))
+    matches = sorted(path for path in _glob(pattern) if _looks_like_run(path))
     if not glob.has_magic(pattern):
       matches = [pattern]
     for path in matches or [pattern]:
@@ -81,24 +94,30 @@ def expand_workdirs(patterns: list[str]) -> list[str]:
 
 def default_output_dir(workdirs: list[str]) -> str:
   """The folder the workdirs share: a sweep's folder for its variants."""
+  if workdirs and not any(storage.is_local(path) for path in workdirs):
+    # URLs: os.path would fold gs:// into gs:/; the common parent of what follows the scheme.
+    schemes = {path.split('://', 1)[0] for path in workdirs}
+    rests = [posixpath.dirname(path.split('://', 1)[1].rstrip('/')) for path in workdirs]
+    if len(schemes) == 1:
+      return f'{schemes.pop()}://{posixpath.commonpath(rests)}'
   parents = [os.path.dirname(os.path.abspath(path)) for path in workdirs]
   return os.path.commonpath(parents) if parents else '.'
 
 
-def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict | None:
+def load_run_config(workdir: str | epath.Path) -> ml_collections.ConfigDict | None:
   """The config a run recorded in config.json, or None when there is none.
 
   Fields added to the schema since the run was recorded take their defaults.
   """
-  path = pathlib.Path(workdir) / train.CONFIG_FILE
+  path = epath.Path(workdir) / train.CONFIG_FILE
   if not path.is_file():
     return None
   return ml_collections.ConfigDict(config_base.with_defaults(json.loads(path.read_text())))
 
 
-def latest_checkpoint_step(workdir: str | pathlib.Path) -> int | None:
+def latest_checkpoint_step(workdir: str | epath.Path) -> int | None:
   """The newest finished checkpoint's step, from the folder names alone (no Orbax, no TF)."""
-  folder = pathlib.Path(workdir) / 'checkpoints'
+  folder = epath.Path(workdir) / 'checkpoints'
   if not folder.is_dir():
     return None
   steps = [int(path.name) for path in folder.iterdir()
@@ -134,7 +153,7 @@ def _describe(result: RunResult, config: ml_collections.ConfigDict) -> None:
 def evaluate_run(workdir: str, mesh, data_dir: str | None = None) -> RunResult:
   """One run's row; problems a user can fix become its status instead of an exception."""
   result = RunResult(workdir=workdir)
-  if not os.path.isdir(workdir):
+  if not epath.Path(workdir).is_dir():
     result.status = 'no such folder'
     return result
   config = load_run_config(workdir)
@@ -153,7 +172,7 @@ def evaluate_run(workdir: str, mesh, data_dir: str | None = None) -> RunResult:
   replicated = parallel.replicated(mesh)
   model, abstract = abstract_train_state(config, info.image_shape,
                                          input_pipeline.steps_per_epoch(config), replicated)
-  state = checkpointing.Checkpoints(pathlib.Path(workdir) / 'checkpoints',
+  state = checkpointing.Checkpoints(epath.Path(workdir) / 'checkpoints',
                                     read_only=True).restore_latest(abstract)
   if state is None:
     result.status = 'no checkpoint'
@@ -201,16 +220,16 @@ def format_table(results: list[RunResult]) -> str:
   return '\n'.join(lines)
 
 
-def write_records(results: list[RunResult], output_dir: pathlib.Path) -> None:
+def write_records(results: list[RunResult], output_dir: epath.Path) -> None:
   """results.csv and results.jsonl, one row per run, sorted by parameters."""
   rows = [dataclasses.asdict(r) for r in sorted(results, key=_sort_key)]
-  with open(output_dir / 'results.csv', 'w', newline='', encoding='utf-8') as f:
-    writer = csv.DictWriter(f, fieldnames=FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-  with open(output_dir / 'results.jsonl', 'w', encoding='utf-8') as f:
-    for row in rows:
-      f.write(json.dumps(row) + '\n')
+  table = io.StringIO(newline='')
+  writer = csv.DictWriter(table, fieldnames=FIELDS)
+  writer.writeheader()
+  writer.writerows(rows)
+  (output_dir / 'results.csv').write_text(table.getvalue(), encoding='utf-8')
+  (output_dir / 'results.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in rows),
+                                            encoding='utf-8')
 
 
 def point_labels(results: list[RunResult]) -> list[str]:
@@ -236,7 +255,7 @@ def series_by_architecture(results: list[RunResult], x_field: str) -> dict[str, 
 
 
 def plot_accuracy(results: list[RunResult], x_field: str, x_label: str,
-                  path: pathlib.Path) -> None:
+                  path: epath.Path) -> None:
   """Top-1 against `x_field` on a log axis, one labelled point per run (V1's Figures 4-5).
 
   One series (colour and line, in order of the x values) per architecture, as
@@ -266,11 +285,13 @@ def plot_accuracy(results: list[RunResult], x_field: str, x_label: str,
   axes.set_ylabel('test top-1 accuracy (%)')
   axes.grid(True, which='both', alpha=0.3)
   figure.tight_layout()
-  figure.savefig(path, dpi=120)
+  image = io.BytesIO()
+  figure.savefig(image, format='png', dpi=120)  # Then written through epath: gs:// too.
   pyplot.close(figure)
+  epath.Path(path).write_bytes(image.getvalue())
 
 
-def write_tensorboard(results: list[RunResult], output_dir: pathlib.Path) -> None:
+def write_tensorboard(results: list[RunResult], output_dir: epath.Path) -> None:
   """Top-1 and top-5 with the parameter (and mult-add) count as the step, one point per run."""
   from flax.metrics import tensorboard  # pylint: disable=import-outside-toplevel
   writer = tensorboard.SummaryWriter(str(output_dir / 'tensorboard'))
@@ -287,7 +308,7 @@ def evaluate_runs(workdirs: list[str], output_dir: str | None = None,
   workdirs = expand_workdirs(workdirs)
   if not workdirs:
     raise UserError('no workdirs given; pass --workdir runs/a [runs/b ...] or a glob')
-  output = pathlib.Path(output_dir or default_output_dir(workdirs))
+  output = epath.Path(output_dir or default_output_dir(workdirs))
   if output_dir is None and not output.is_dir():
     # A typo'd --workdir must not create folders: only an explicit --output is created.
     raise UserError(f'--workdir {workdirs[0]}: no such folder (and so no {output} to write the '

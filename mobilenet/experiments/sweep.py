@@ -18,6 +18,7 @@ import sys
 
 import ml_collections
 from absl import logging
+from etils import epath
 
 from mobilenet.experiments import evaluate
 from mobilenet.training import train
@@ -30,7 +31,7 @@ TRAIN_SCRIPT = pathlib.Path(__file__).resolve().parents[2] / 'scripts' / 'train.
 class Variant:
   """One point of the grid: its overrides (field, value as typed) and where it trains."""
   overrides: tuple[tuple[str, str], ...]
-  workdir: pathlib.Path
+  workdir: epath.Path  # Local or gs://: pathlib would fold gs:// into gs:/.
 
 
 def parse_axes(specs: list[str]) -> list[tuple[str, list[str]]]:
@@ -86,14 +87,14 @@ def _short_names(fields: list[str]) -> list[str]:
   return [leaf if leaves.count(leaf) == 1 else field for field, leaf in zip(fields, leaves)]
 
 
-def variants(axes: list[tuple[str, list[str]]], sweep_dir: str | pathlib.Path) -> list[Variant]:
+def variants(axes: list[tuple[str, list[str]]], sweep_dir: str | epath.Path) -> list[Variant]:
   """The grid's product, first axis slowest; folders like 'width_multiplier=0.25,resolution=28'."""
   fields = [field for field, _ in axes]
   names = _short_names(fields)
   grid = []
   for values in itertools.product(*(values for _, values in axes)):
     folder = ','.join(f'{name}={value}' for name, value in zip(names, values))
-    grid.append(Variant(tuple(zip(fields, values)), pathlib.Path(sweep_dir) / folder))
+    grid.append(Variant(tuple(zip(fields, values)), epath.Path(sweep_dir) / folder))
   return grid
 
 

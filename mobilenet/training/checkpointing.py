@@ -18,20 +18,25 @@ checkpoint unverified, with a warning, and adopts it.
 Saving checks first that the folder is still there, writable, and has room
 for the state, and turns a failed write into one line: a full disk, a
 deleted or read-only folder cost the run no more than the unsaved steps.
+
+The folder may be on an object store (gs://): Orbax writes the arrays there
+through TensorStore and marks a finished step with commit_success.txt instead
+of a rename; the manifests are objects written whole; moving a damaged
+checkpoint aside is a copy and a delete (epath's rename).
 """
 import errno
 import hashlib
 import json
-import os
-import pathlib
 import shutil
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from mobilenet.errors import UserError
+from mobilenet.training import storage
 
 
 class _DropOrbaxInfo(logging.logging.Filter):
@@ -59,40 +64,37 @@ DAMAGED_FOLDER = 'damaged'  # Under checkpoints/: ignored by Orbax, which only l
 _TMP_MARKER = '.orbax-checkpoint-tmp'
 
 
-def _sha256(path: pathlib.Path) -> str:
+def _sha256(path: epath.Path) -> str:
   digest = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with path.open('rb') as f:
     for block in iter(lambda: f.read(1 << 20), b''):
       digest.update(block)
   return digest.hexdigest()
 
 
-def _files(step_folder: pathlib.Path, bookkeeping: bool = True) -> list[str]:
+def _files(step_folder: epath.Path, bookkeeping: bool = True) -> list[str]:
   """Every file of a step folder but the manifest (and Orbax's bookkeeping, unless asked)."""
   skip = (MANIFEST_FILE,) if bookkeeping else (MANIFEST_FILE, *_STEP_BOOKKEEPING)
-  return sorted(str(path.relative_to(step_folder)) for path in step_folder.rglob('*')
-                if path.is_file() and str(path.relative_to(step_folder)) not in skip)
+  # walk, not rglob: epath refuses `**` on gs:// (one listing per folder is what it costs).
+  return sorted(name for folder, _, files in step_folder.walk() for name in
+                (str((folder / file).relative_to(step_folder)) for file in files)
+                if name not in skip)
 
 
-def write_manifest(step_folder: str | pathlib.Path, bookkeeping: bool = True) -> None:
+def write_manifest(step_folder: str | epath.Path, bookkeeping: bool = True) -> None:
   """Writes checksums.sha256 (`sha256sum -c` reads it) over the folder's files, atomically.
 
   Without `bookkeeping`, Orbax's step files (not yet final) are left out.
   """
-  step_folder = pathlib.Path(step_folder)
+  step_folder = epath.Path(step_folder)
   lines = [f'{_sha256(step_folder / name)}  {name}\n'
            for name in _files(step_folder, bookkeeping)]
-  temporary = step_folder / (MANIFEST_FILE + '.tmp')
-  with open(temporary, 'w', encoding='utf-8') as f:
-    f.writelines(lines)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(temporary, step_folder / MANIFEST_FILE)
+  storage.write_atomically(step_folder / MANIFEST_FILE, ''.join(lines))
 
 
-def verify(step_folder: str | pathlib.Path) -> str | None:
+def verify(step_folder: str | epath.Path) -> str | None:
   """None when every file of the checkpoint matches its manifest, else what is wrong."""
-  step_folder = pathlib.Path(step_folder)
+  step_folder = epath.Path(step_folder)
   manifest = step_folder / MANIFEST_FILE
   if not manifest.is_file():
     return f'no {MANIFEST_FILE} (written before checksums existed, or killed as it was committed)'
@@ -144,11 +146,11 @@ def _write_problem(error: BaseException) -> tuple[str, str]:
 class Checkpoints:
   """Asynchronous saving and fault-tolerant, verified restoring of a pytree state."""
 
-  def __init__(self, directory: str | pathlib.Path, keep: int = 1, read_only: bool = False):
+  def __init__(self, directory: str | epath.Path, keep: int = 1, read_only: bool = False):
     """`read_only` (for evaluation) never creates, cleans, moves or deletes: a run that is
     still training keeps the temporary folder of the checkpoint it is writing."""
     _quiet_orbax()
-    self._directory = pathlib.Path(directory).absolute()
+    self._directory = storage.path(directory)
     self._read_only = read_only
     self._writing = None  # The step being written asynchronously, for its manifest.
     self._sealed = None  # The last step whose manifest covers Orbax's bookkeeping too.
@@ -181,13 +183,14 @@ class Checkpoints:
                       'or rerun the same command to start again')
     probe = self._directory / '.write_probe'
     try:
-      with open(probe, 'wb') as f:
-        f.write(b'0')
+      probe.write_bytes(b'0')
       probe.unlink()
-    except OSError as error:
+    except Exception as error:  # OSError here; TensorFlow's errors on gs://.
       problem, fix = _write_problem(error)
       raise UserError(f'{where}: {problem} ({_first_line(error)}); {kept}; {fix} and rerun the '
                       'same command to resume') from None
+    if not storage.is_local(self._directory):
+      return  # A bucket has no free space to check.
     needed = sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize
                  for leaf in jax.tree.leaves(state)) + (1 << 20)  # Plus Orbax's metadata.
     free = shutil.disk_usage(self._directory).free
@@ -200,12 +203,12 @@ class Checkpoints:
     """Removes the unfinished temporary folder (no data: never committed) and names the problem."""
     self._failed = True
     if jax.process_index() == 0 and step is not None and self._directory.is_dir():
-      for path in self._directory.glob(f'{step}{_TMP_MARKER}*'):
+      for path in self._directory.glob(f'{step}{_TMP_MARKER}*'):  # (Local only: no rename on gs://.)
         shutil.rmtree(path, ignore_errors=True)
     problem, fix = _write_problem(error)
     try:
       steps = [int(p.name) for p in self._directory.iterdir() if p.name.isdigit()]
-    except OSError:
+    except Exception:  # pylint: disable=broad-except  # OSError; TensorFlow's errors on gs://.
       steps = []
     return UserError(f'writing checkpoint {step} to {self._directory} failed: {problem}; the last '
                      f'complete checkpoint ({max(steps, default=None)}) is kept; {fix} and rerun '
@@ -288,8 +291,12 @@ class Checkpoints:
     raise UserError(f'none of the checkpoints {steps} in {self._directory} can be read; move that '
                     'folder aside to start afresh, or pass a new --workdir')
 
-  def set_aside(self, steps: list[int], folder: str) -> list[pathlib.Path]:
-    """Moves step folders to checkpoints/<folder>/ (kept, never deleted); Orbax forgets them."""
+  def set_aside(self, steps: list[int], folder: str) -> list[epath.Path]:
+    """Moves step folders to checkpoints/<folder>/ (kept, never deleted); Orbax forgets them.
+
+    On gs:// the move copies each object, then deletes it: killed midway, the step is in
+    both places, and its original (complete or not) is checked again by the next restore.
+    """
     moved = []
     if jax.process_index() == 0:
       for step in steps:
@@ -327,7 +334,7 @@ class Checkpoints:
     try:
       if folder.is_dir() and verify(folder) is None:  # Damage since the commit is not sealed in.
         write_manifest(folder)
-    except OSError as error:
+    except Exception as error:  # OSError; TensorFlow's errors on gs://.
       raise self._write_failed(step, error) from None
     self._sealed = step
 

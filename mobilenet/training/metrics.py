@@ -13,6 +13,9 @@ import time
 
 import jax
 from absl import logging
+from etils import epath
+
+from mobilenet.training import storage
 
 
 class MetricWriter:
@@ -24,8 +27,12 @@ class MetricWriter:
     self._summary = None
     if not self._active:
       return
-    workdir = pathlib.Path(workdir)
-    self._jsonl = open(workdir / 'metrics.jsonl', 'a', encoding='utf-8')
+    workdir = epath.Path(workdir)
+    # On gs:// each flush uploads the file again (an object cannot be appended to): metrics.jsonl
+    # stays small, and a killed run keeps the rows up to its last flush, as on a disk. epath
+    # opens a gs:// file as a context manager only: the stack keeps it open until close().
+    self._files = contextlib.ExitStack()
+    self._jsonl = self._files.enter_context((workdir / 'metrics.jsonl').open('a'))
     if tensorboard:
       # Imported here: TensorFlow is only needed by a writer that is used.
       from flax.metrics import tensorboard as flax_tensorboard
@@ -46,7 +53,7 @@ class MetricWriter:
 
   def close(self) -> None:
     if self._jsonl is not None:
-      self._jsonl.close()
+      self._files.close()
     if self._summary is not None:
       self._summary.close()
 
@@ -165,6 +172,8 @@ def log_first_call(fn, what: str, expected: str):
 
 def _shown_path(path: str | pathlib.Path) -> str:
   """`path` relative to the current folder when it is inside it (shorter to copy)."""
+  if not storage.is_local(path):
+    return str(path)
   path = pathlib.Path(path).absolute()
   try:
     return str(path.relative_to(pathlib.Path.cwd()))

@@ -1,9 +1,15 @@
 """What keeps one run folder consistent: one trainer at a time, one config, each metric once.
 
 - `acquire_lock`: a second trainer on the same workdir is refused at once,
-  naming the one that holds it. The lock is an `fcntl.flock` on
-  <workdir>/train.lock, which the kernel releases when its process dies, so
-  the lock of a killed run never blocks the next.
+  naming the one that holds it. On a local (or NFS) folder the lock is an
+  `fcntl.flock` on <workdir>/train.lock, which the kernel releases when its
+  process dies, so the lock of a killed run never blocks the next. An object
+  store (gs://) has no locks: there train.lock is an object created only if
+  absent (a generation precondition, so two hosts starting at once cannot
+  both get it) and deleted when the run ends. Nothing releases it when the
+  trainer is killed (kill -9, a lost VM): the next trainer is refused, naming
+  the holder and the command that removes the lock; removing it is the
+  user's call, since a trainer still running elsewhere cannot be seen from here.
 - `check_resume`: a workdir that holds a checkpoint may only be resumed by a
   config that builds the same state from the same data order (dataset, seed,
   batch size, input, model architecture, optimizer and EMA); a change in how
@@ -18,15 +24,15 @@
 import fcntl
 import json
 import os
-import pathlib
 import socket
 import time
 
 import ml_collections
 from absl import logging
+from etils import epath
 
 from mobilenet.errors import UserError
-from mobilenet.training import config_base
+from mobilenet.training import config_base, storage
 
 CONFIG_FILE = 'config.json'
 CONFIG_HISTORY_FILE = 'config_history.jsonl'
@@ -42,8 +48,9 @@ _STATE_AND_DATA_FIELDS = ('dataset', 'seed', 'batch_size', 'optimizer.name', 'em
 _IMPLEMENTATION_FIELDS = ('model.depthwise_implementation', 'model.fused_inference', 'model.ops',
                           'input.cache', 'input.prefetch_batches')
 
-# Held locks of this process, by workdir: prepare_workdir may be called again for it.
-_held_locks: dict[str, int] = {}
+# Held locks of this process, by workdir: prepare_workdir may be called again for it. A local
+# lock is its open file descriptor; a remote one, (the lock's key-value store, its generation).
+_held_locks: dict[str, object] = {}
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict:
@@ -70,7 +77,7 @@ def decides_state_or_data(field: str) -> bool:
   return field in _STATE_AND_DATA_FIELDS or field.startswith(_STATE_AND_DATA_SECTIONS)
 
 
-def has_checkpoint(path: pathlib.Path) -> bool:
+def has_checkpoint(path: epath.Path) -> bool:
   """Whether the workdir holds a committed checkpoint (a state a resume would continue)."""
   folder = path / 'checkpoints'
   return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir() if p.is_dir())
@@ -88,7 +95,7 @@ def config_changes(saved: dict, config: ml_collections.ConfigDict | dict) -> lis
   return changes
 
 
-def check_resume(path: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+def check_resume(path: epath.Path, config: ml_collections.ConfigDict) -> None:
   """Refuses, with one line naming the field, a config that would not continue the saved run."""
   saved_file = path / CONFIG_FILE
   if not saved_file.is_file() or not has_checkpoint(path):
@@ -108,16 +115,7 @@ def check_resume(path: pathlib.Path, config: ml_collections.ConfigDict) -> None:
     logging.info('resuming with config.%s=%s (was %s)', field, after, before)
 
 
-def _write_atomically(path: pathlib.Path, text: str) -> None:
-  temporary = path.with_name(path.name + '.tmp')
-  with open(temporary, 'w', encoding='utf-8') as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(temporary, path)
-
-
-def record_config(path: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+def record_config(path: epath.Path, config: ml_collections.ConfigDict) -> None:
   """Writes config.json; a different one it replaces goes to config_history.jsonl first."""
   saved_file = path / CONFIG_FILE
   text = config.to_json_best_effort(indent=2, sort_keys=True)
@@ -129,17 +127,23 @@ def record_config(path: pathlib.Path, config: ml_collections.ConfigDict) -> None
       unchanged = False
     if unchanged:
       return
-    with open(path / CONFIG_HISTORY_FILE, 'a', encoding='utf-8') as f:
-      f.write(json.dumps({'replaced_at': time.time(), 'config_json': previous}) + '\n')
-      f.flush()
-      os.fsync(f.fileno())
-  _write_atomically(saved_file, text)
+    storage.append_text(path / CONFIG_HISTORY_FILE,
+                        json.dumps({'replaced_at': time.time(), 'config_json': previous}) + '\n')
+  storage.write_atomically(saved_file, text)
 
 
-def acquire_lock(path: pathlib.Path) -> None:
+def _holder_line() -> str:
+  return (f'pid {os.getpid()} on {socket.gethostname()}, since '
+          f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n')
+
+
+def acquire_lock(path: epath.Path) -> None:
   """Holds <workdir>/train.lock for this process, or refuses naming the holder."""
   key = str(path)
   if key in _held_locks:
+    return
+  if not storage.is_local(path):
+    _held_locks[key] = _acquire_object_lock(path)
     return
   descriptor = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
   try:
@@ -150,19 +154,80 @@ def acquire_lock(path: pathlib.Path) -> None:
     raise UserError(f'--workdir {path} is in use by another trainer ({holder}); wait for it to '
                     'finish or stop it, or pass another --workdir') from None
   os.ftruncate(descriptor, 0)
-  os.pwrite(descriptor, f'pid {os.getpid()} on {socket.gethostname()}, since '
-                        f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n'.encode(), 0)
+  os.pwrite(descriptor, _holder_line().encode(), 0)
   _held_locks[key] = descriptor
 
 
-def release_lock(path: pathlib.Path) -> None:
-  descriptor = _held_locks.pop(str(path), None)
-  if descriptor is not None:
-    fcntl.flock(descriptor, fcntl.LOCK_UN)
-    os.close(descriptor)
+def _acquire_object_lock(path: epath.Path) -> tuple:
+  """train.lock on an object store: written only if absent, through TensorStore (Orbax's
+  storage layer, which reaches every store Orbax writes to) since a file API has no
+  create-if-absent. Reading first names the holder; the conditional write settles a race.
+  """
+  import tensorstore  # pylint: disable=import-outside-toplevel
+  lock = f'{path}/{LOCK_FILE}'
+  try:
+    store = tensorstore.KvStore.open(f'{path}/').result()
+    current = store.read(LOCK_FILE).result()
+    if current.state != 'missing':
+      raise _LockHeld(current.value.decode('utf-8', 'replace').strip())
+    # Only if still missing (GCS: ifGenerationMatch=0); a failed condition returns no generation.
+    written = store.write(LOCK_FILE, _holder_line().encode(), if_equal=current.stamp.generation
+                          ).result()
+    if not written.generation:
+      raise _LockHeld(store.read(LOCK_FILE).result().value.decode('utf-8', 'replace').strip())
+  except _LockHeld as held:
+    raise UserError(f'--workdir {path} is in use by another trainer ({held.holder or "unknown"}; '
+                    f'lock {lock}); wait for it to finish or stop it, or pass another --workdir; '
+                    f'if that trainer is gone (killed, VM lost), delete the lock: gcloud storage '
+                    f'rm {lock}') from None
+  except Exception as error:  # TensorStore reports I/O failures as ValueError, among others.
+    raise _not_writable(path, error) from None
+  return store, written.generation
 
 
-def rewrite_metrics(path: pathlib.Path, restored_step: int) -> dict[tuple[str, int], dict]:
+def _not_writable(path: epath.Path, error: Exception) -> UserError:
+  return UserError(f'--workdir {path} cannot be written ({type(error).__name__}: '
+                   f'{" ".join(str(error).split())[:200]}); check the path and that this '
+                   'machine may write there (e.g. roles/storage.objectUser on the bucket), or '
+                   'pass another --workdir')
+
+
+def create(path: epath.Path) -> None:
+  """Creates the workdir; on an object store, where no local check sees the permissions
+  (IAM), a refused write is one line."""
+  if storage.is_local(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except Exception as error:  # TensorFlow's errors (PermissionDenied, ...) are not OSErrors.
+    raise _not_writable(path, error) from None
+
+
+class _LockHeld(Exception):
+
+  def __init__(self, holder: str):
+    super().__init__(holder)
+    self.holder = holder
+
+
+def release_lock(path: epath.Path) -> None:
+  held = _held_locks.pop(str(path), None)
+  if held is None:
+    return
+  if isinstance(held, tuple):  # An object: deleted only while it is still the one we wrote.
+    store, generation = held
+    try:
+      store.write(LOCK_FILE, None, if_equal=generation).result()
+    except Exception as error:  # The run's work is saved; a lock left behind is reported.
+      logging.warning('could not delete %s/%s (%s); delete it before the next run', path,
+                      LOCK_FILE, " ".join(str(error).split())[:200])
+    return
+  fcntl.flock(held, fcntl.LOCK_UN)
+  os.close(held)
+
+
+def rewrite_metrics(path: epath.Path, restored_step: int) -> dict[tuple[str, int], dict]:
   """Keeps each (split, step) row once, up to the restored step; returns the rows kept.
 
   Rows after the restored step are recomputed by the resumed run (bitwise the
@@ -187,11 +252,8 @@ def rewrite_metrics(path: pathlib.Path, restored_step: int) -> dict[tuple[str, i
     kept[key] = record
     lines.append(line)
   if dropped:
-    with open(path / DROPPED_METRICS_FILE, 'a', encoding='utf-8') as f:
-      f.write(''.join(line + '\n' for line in dropped))
-      f.flush()
-      os.fsync(f.fileno())
-    _write_atomically(metrics_file, ''.join(line + '\n' for line in lines))
+    storage.append_text(path / DROPPED_METRICS_FILE, ''.join(line + '\n' for line in dropped))
+    storage.write_atomically(metrics_file, ''.join(line + '\n' for line in lines))
     logging.info('metrics.jsonl cut back to step %d (%d rows moved to %s)', restored_step,
                  len(dropped), DROPPED_METRICS_FILE)
   return kept

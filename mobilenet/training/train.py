@@ -8,7 +8,6 @@ checkpoint, including the data position, since batch k is a pure function of
 """
 import functools
 import os
-import pathlib
 import signal
 import time
 
@@ -16,9 +15,10 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from mobilenet.training import (checkpointing, config_base, memory, metrics, optim, parallel,
-                                 run_folder)
+                                 run_folder, storage)
 from mobilenet.models import counting
 from mobilenet.errors import UserError
 from mobilenet.models import fused_inference
@@ -34,24 +34,27 @@ DIVERGED_FOLDER = 'diverged'
 _COMPILE_TIME = 'once per run; seconds for small models, up to minutes for large ones'
 
 
-def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> pathlib.Path:
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> epath.Path:
   """Checks, creates and locks the workdir and records the config; refuses a mismatched resume.
 
   Checks come first, so that bad input leaves an existing workdir untouched;
   the lock (held until `run_folder.release_lock`) keeps a second trainer out.
+  The workdir may be local or on an object store (gs://bucket/runs/name).
   """
-  path = pathlib.Path(workdir).absolute()
+  path = storage.path(workdir)
   if path.exists() and not path.is_dir():
     raise UserError(f'--workdir {path} is a file, not a folder; pass a folder path')
   existing = path
-  while not existing.exists():
+  while storage.is_local(path) and not existing.exists():
     existing = existing.parent
-  if not os.access(existing, os.W_OK | os.X_OK):
+  # A bucket's permissions are IAM roles that no local check sees: there the first writes
+  # (run_folder.create, acquire_lock) are the probe, and a refusal is one line.
+  if storage.is_local(path) and not os.access(existing, os.W_OK | os.X_OK):
     raise UserError(f'--workdir {path} is not writable ({existing} denies writing); pass a '
                     'folder you can write to')
   run_folder.check_resume(path, config)
   if jax.process_index() == 0:
-    path.mkdir(parents=True, exist_ok=True)
+    run_folder.create(path)
     run_folder.acquire_lock(path)
     try:
       run_folder.check_resume(path, config)  # Again, under the lock: a run may have just ended.
