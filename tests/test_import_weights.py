@@ -95,7 +95,7 @@ def test_imported_run_computes_keras_logits(keras, name, alpha, suffix, tmp_path
   run_config = import_weights.apply_keras_settings(config)
   for op_set in ('plain', 'fast'):
     run_config.model.ops = op_set
-    have = create_model(run_config.model).apply(
+    have = jax.jit(create_model(run_config.model).apply)(
         {'params': state['params'], 'batch_stats': state['batch_stats']}, images)
     assert relative_error(have, want) <= 1e-5, (name, op_set)
   provenance = json.loads((workdir / import_weights.IMPORTED_FROM_FILE).read_text())
