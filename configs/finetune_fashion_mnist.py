@@ -17,8 +17,10 @@ start from.
 Expected: not measured (no machine this was written on could download the
 weights); from-scratch V1 runs on 28x28 reach 89.8-91.2% in 2-9 epochs
 (README).
-Cost: 2 epochs of 468 steps at 128x128 (41 M mult-adds per image, 14x the
-default config's): see README's "Fine-tuning" for the measured rate.
+Cost: 2 epochs of 468 steps at 128x128 (12.7 M mult-adds per image, 4.4x the
+default config's): 73-95 img/s training on a 2-core Intel Xeon VM shared with
+other jobs (load ~10; 2026-11-30, 60 steps with random Keras weights), so about
+25 minutes there, plus 40 s compiling and 2 evaluations.
 """
 from mobilenet.training.config_base import base_config
 
