@@ -270,6 +270,8 @@ def _normalize(images: tf.Tensor, config, spec: _DatasetSpec) -> tf.Tensor:
   Resizes to config.model.resolution (bilinear) and converts channels:
   grayscale is repeated to 3 channels; RGB becomes luminance for 1 channel,
   normalized with the luminance-weighted mean and std (an approximation).
+  config.input.normalization 'minus_one_to_one' uses mean = std = 0.5 instead
+  of the dataset's statistics: x / 127.5 - 1.
   """
   images = tf.cast(images, tf.float32)
   resolution = config.model.resolution
@@ -279,6 +281,8 @@ def _normalize(images: tf.Tensor, config, spec: _DatasetSpec) -> tf.Tensor:
                              antialias=resolution < images.shape[1])
   mean = np.array(spec.mean, np.float32)
   std = np.array(spec.std, np.float32)
+  if config.input.normalization == 'minus_one_to_one':  # x / 127.5 - 1 (Keras' MobileNets).
+    mean = std = np.full_like(mean, 0.5)
   native, wanted = images.shape[-1], config.input.channels
   if native == 1 and wanted == 3:
     images = tf.repeat(images, 3, axis=-1)

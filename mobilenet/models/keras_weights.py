@@ -20,7 +20,11 @@ convolutions that act on pooled features (V1's and V3's classifier, V3's
 pre-logits and squeeze-and-excitation layers) -> dense kernels (in, out);
 BatchNorm gamma, beta, moving mean and variance -> scale, bias, mean, var.
 TensorFlow is not imported here: `keras_model` is any object with Keras'
-`layers` and `get_weights()`.
+`layers` and `get_weights()`; `keras_application` imports Keras when called.
+
+`keras_application(model_config, weights)` builds the Keras model that a
+config describes (the one whose weights file fits it) and `official_weights`
+names the file Keras downloads for weights='imagenet'.
 """
 from typing import Any, Iterator
 
@@ -30,6 +34,17 @@ from mobilenet.models.architectures import Plan
 
 KERAS_KINDS = {'Conv2D': 'conv', 'DepthwiseConv2D': 'depthwise', 'BatchNormalization': 'norm',
                'Dense': 'dense'}
+
+
+# Where keras.applications downloads its ImageNet weights from (its BASE_WEIGHT_PATH).
+OFFICIAL_WEIGHTS_URL = 'https://storage.googleapis.com/tensorflow/keras-applications/'
+# The input sides Keras has V1 and V2 files for; other sides get the 224 file (as Keras does).
+_OFFICIAL_SIDES = {'mobilenet_v1': (128, 160, 192, 224), 'mobilenet_v2': (96, 128, 160, 192, 224)}
+_OFFICIAL_ALPHAS = {'mobilenet_v1': (0.25, 0.5, 0.75, 1.0),
+                    'mobilenet_v2': (0.35, 0.5, 0.75, 1.0, 1.3, 1.4),
+                    'mobilenet_v3_large': (0.75, 1.0), 'mobilenet_v3_small': (0.75, 1.0),
+                    'mobilenet_v3_large_minimalistic': (1.0,),
+                    'mobilenet_v3_small_minimalistic': (1.0,)}
 
 
 class WeightsMismatch(ValueError):
@@ -130,3 +145,51 @@ def _check_shapes(plan: Plan, params: dict, keras_model: Any) -> None:
           f"{keras_model.name}'s {name} has shape {tuple(leaf.shape)}, "
           f'{plan.architecture} expects {None if want is None else tuple(want.shape)}: '
           'not the same architecture or width multiplier')
+
+
+def keras_application(model_config: Any, weights: str | None = None) -> Any:
+  """The keras.applications model `config.model` describes (with its classifier, logits out).
+
+  `weights`: None (random), 'imagenet' (Keras downloads them) or a weights file.
+  Keras' V3 is built without its Rescaling layer (weights-free: images come
+  scaled to [-1, 1] as for V1 and V2). Raises Keras' ValueError when Keras
+  refuses the combination (e.g. ImageNet weights at an alpha it has none for).
+  """
+  import keras  # pylint: disable=g-import-not-at-top  # Imports TensorFlow: only when asked.
+  name = model_config.name
+  common = dict(input_shape=(model_config.resolution, model_config.resolution, 3),
+                alpha=model_config.width_multiplier, weights=weights,
+                classes=model_config.num_classes, classifier_activation=None)
+  if name == 'mobilenet_v1':
+    return keras.applications.MobileNet(**common)
+  if name == 'mobilenet_v2':
+    return keras.applications.MobileNetV2(**common)
+  build = (keras.applications.MobileNetV3Large if name.startswith('mobilenet_v3_large')
+           else keras.applications.MobileNetV3Small)
+  return build(**common, minimalistic=name.endswith('_minimalistic'),
+               include_preprocessing=False)
+
+
+def official_weights(model_config: Any) -> tuple[str, str]:
+  """(file name, URL) of the ImageNet weights Keras has for `config.model`, as Keras names them.
+
+  Raises WeightsMismatch when Keras has none for its architecture and width.
+  """
+  name, alpha = model_config.name, float(model_config.width_multiplier)
+  alphas = _OFFICIAL_ALPHAS.get(name, ())
+  if alpha not in alphas:
+    raise WeightsMismatch(f'keras.applications has no ImageNet weights for {name} at width '
+                          f'multiplier {alpha:g} (it has {", ".join(f"{a:g}" for a in alphas)})')
+  side = model_config.resolution
+  if name in _OFFICIAL_SIDES and side not in _OFFICIAL_SIDES[name]:
+    side = 224
+  if name == 'mobilenet_v1':
+    text = {1.0: '1_0', 0.75: '7_5', 0.5: '5_0', 0.25: '2_5'}[alpha]
+    return f'mobilenet_{text}_{side}_tf.h5', f'{OFFICIAL_WEIGHTS_URL}mobilenet/' + \
+        f'mobilenet_{text}_{side}_tf.h5'
+  if name == 'mobilenet_v2':
+    file_name = f'mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{side}.h5'
+    return file_name, f'{OFFICIAL_WEIGHTS_URL}mobilenet_v2/{file_name}'
+  variant = name[len('mobilenet_v3_'):]  # large, small, large_minimalistic, small_minimalistic
+  file_name = f'weights_mobilenet_v3_{variant}_224_{alpha}_float.h5'
+  return file_name, f'{OFFICIAL_WEIGHTS_URL}mobilenet_v3/{file_name}'

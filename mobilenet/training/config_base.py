@@ -20,6 +20,7 @@ ACTIVATIONS = ('relu', 'relu6')
 DTYPES = ('float32', 'bfloat16')
 OPTIMIZERS = ('sgd', 'rmsprop', 'adamw')
 SCHEDULES = ('constant', 'cosine', 'exponential')
+NORMALIZATIONS = ('dataset', 'minus_one_to_one')
 # Beyond any MobileNet anyone trains (16384 channels; 4096 px): a typo, refused before counting.
 MAX_WIDTH_MULTIPLIER = 16.0
 MAX_RESOLUTION = 4096
@@ -88,6 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.input = ml_collections.ConfigDict()
   config.input.channels = 1  # Grayscale data is repeated to 3 channels when this is 3.
+  # How pixels are scaled: 'dataset' ((x / 255 - mean) / std with the dataset's statistics)
+  # or 'minus_one_to_one' (x / 127.5 - 1, what keras.applications' MobileNets and TF-slim's
+  # released checkpoints were trained on: imported weights expect it).
+  config.input.normalization = 'dataset'
   config.input.random_crop_padding = 0  # CIFAR-style: pad by this much, then crop back.
   config.input.random_flip = False  # Horizontal flips.
   config.input.min_crop_area = 0.25  # ImageNet random-resized-crop: smallest area fraction.
@@ -117,6 +122,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.schedule.decay_epochs = 2.5  # ... every this many epochs (TF-slim's recipe).
 
   config.label_smoothing = 0.0
+  # '' (off), or a run folder to start from (training/init_from.py): its newest checkpoint's
+  # weights and BatchNorm statistics (EMA ones when it kept them) with this config's
+  # classifier where the class count differs and the stem adapted to this input's channels;
+  # step, optimizer state and data position start fresh. Its architecture must match. Only
+  # read when the workdir holds no checkpoint: a resume continues its own run.
+  config.init_from = ''
   # 0: none. Else an exponential moving average of the weights and BatchNorm statistics
   # (decay min(ema_decay, (1 + step) / (10 + step)), TensorFlow's); eval uses it.
   config.ema_decay = 0.0
@@ -153,6 +164,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require_choice(config, 'optimizer.name', OPTIMIZERS)
   _require_choice(config, 'schedule.name', SCHEDULES)
   _require_choice(config, 'input.channels', (1, 3))
+  _require_choice(config, 'input.normalization', NORMALIZATIONS)
   model = config.model
   _require(model.conv_type == 'separable' or model.name == 'mobilenet_v1', 'model.conv_type',
            model.conv_type, f"is MobileNetV1's Conv MobileNet baseline, not {model.name}'s; use "

@@ -17,8 +17,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from mobilenet.training import (checkpointing, config_base, memory, metrics, optim, parallel,
-                                 run_folder, storage)
+from mobilenet.training import (checkpointing, config_base, init_from, memory, metrics, optim,
+                                 parallel, run_folder, storage)
 from mobilenet.models import counting
 from mobilenet.errors import UserError
 from mobilenet.models import fused_inference
@@ -159,6 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     f'{info.num_classes} classes; pass --config.model.num_classes={info.num_classes}')
   steps_per_epoch = input_pipeline.steps_per_epoch(config)  # Refuses a batch over the split.
   memory.check_fits(config, info.image_shape)
+  init_from.check_before_start(config, workdir)
   workdir = prepare_workdir(workdir, config)  # Last: everything before it changes no file.
 
   mesh = parallel.create_mesh()
@@ -174,6 +175,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = checkpoints.restore_latest(checkpointing.abstract_like(jax.eval_shape(init), replicated))
   if state is None:
     state = metrics.log_first_call(init, 'the model initialization', 'seconds')()
+    if config.init_from:
+      state = init_from.initialize(state, config, tx, replicated)
+  elif config.init_from:
+    logging.info('resuming the run in %s: config.init_from=%s is not read (it only starts a '
+                 'new run)', workdir, config.init_from)
   start_step = int(state.step)
   # Each (split, step) once: rows after the restored step are written again below.
   recorded = run_folder.rewrite_metrics(workdir, start_step) if jax.process_index() == 0 else {}
