@@ -37,11 +37,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from mobilenet.errors import UserError
 from mobilenet.models import keras_weights
 from mobilenet.models.mobilenet import MobileNet, create_model, model_plan
-from mobilenet.training import checkpointing, config_base, optim, run_folder, train
+from mobilenet.training import checkpointing, config_base, optim, run_folder, storage, train
 from mobilenet.training.train_step import create_train_state
 
 # What the importer leaves in the run folder besides the trainer's files: where the weights came from.
@@ -224,12 +225,12 @@ def initial_state(config: ml_collections.ConfigDict, variables: dict):
 
 
 def import_keras_weights(config: ml_collections.ConfigDict, keras_weights_arg: str,
-                         workdir: str) -> pathlib.Path:
+                         workdir: str) -> epath.Path:
   """Writes a run folder (config.json, checkpoint 0) holding Keras' weights; returns its path."""
   started = time.perf_counter()
   config = apply_keras_settings(config)
   config_base.validate(config)
-  path = pathlib.Path(workdir).absolute()
+  path = storage.path(workdir)
   if run_folder.has_checkpoint(path):
     raise UserError(f'--workdir {path} already holds a run with checkpoints; pass a new --workdir '
                     '(importing never overwrites a run)')
@@ -252,7 +253,7 @@ def import_keras_weights(config: ml_collections.ConfigDict, keras_weights_arg: s
       checkpoints.close()
     record = {'keras_weights': str(weights_file), 'sha256': _sha256(weights_file),
               'keras_model': keras_model.name, 'step': 0, 'imported_at': time.time()}
-    (path / IMPORTED_FROM_FILE).write_text(json.dumps(record, indent=2) + '\n', encoding='utf-8')
+    storage.write_atomically(path / IMPORTED_FROM_FILE, json.dumps(record, indent=2) + '\n')
   finally:
     if jax.process_index() == 0:
       run_folder.release_lock(path)

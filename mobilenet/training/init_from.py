@@ -23,18 +23,18 @@ resumed run continues its own state and ignores init_from.
 """
 import functools
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import traverse_util
 
 from mobilenet.errors import UserError
 from mobilenet.models.mobilenet import create_model, model_plan
-from mobilenet.training import checkpointing, config_base, optim, run_folder
+from mobilenet.training import checkpointing, config_base, optim, run_folder, storage
 from mobilenet.training.train_step import TrainState, create_train_state
 
 # The fields that decide the parameter tree or the function its weights compute.
@@ -50,7 +50,7 @@ def _get(config, field: str):
   return config
 
 
-def load_source_config(source: pathlib.Path) -> ml_collections.ConfigDict:
+def load_source_config(source: epath.Path) -> ml_collections.ConfigDict:
   """The source run's config.json (fields added since at their defaults)."""
   config_file = source / run_folder.CONFIG_FILE
   if not source.is_dir():
@@ -69,7 +69,7 @@ def load_source_config(source: pathlib.Path) -> ml_collections.ConfigDict:
 
 
 def check_architecture(source_config: ml_collections.ConfigDict,
-                       config: ml_collections.ConfigDict, source: pathlib.Path,
+                       config: ml_collections.ConfigDict, source: epath.Path,
                        log: bool = True) -> None:
   """One line naming the first architecture field that differs; logs the other differences."""
   for field in ARCHITECTURE_FIELDS:
@@ -86,7 +86,7 @@ def check_architecture(source_config: ml_collections.ConfigDict,
       logging.info('init_from: config.%s is %s here, %s in %s', field, here, there, source)
 
 
-def restore_source(source: pathlib.Path, source_config: ml_collections.ConfigDict,
+def restore_source(source: epath.Path, source_config: ml_collections.ConfigDict,
                    sharding) -> tuple[dict, dict, int, bool]:
   """(params, batch_stats, step, whether they are the EMA) of the source's newest checkpoint."""
   model = create_model(source_config.model)
@@ -111,7 +111,7 @@ def _stem_kernel_path(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def adapt_params(source_params: dict, target_params: dict, stem_kernel: tuple[str, ...],
-                 source: pathlib.Path) -> tuple[dict, list[str]]:
+                 source: epath.Path) -> tuple[dict, list[str]]:
   """The source's params in the target's shapes; (params, what was adapted, for the log)."""
   theirs = traverse_util.flatten_dict(source_params)
   ours = traverse_util.flatten_dict(target_params)
@@ -147,14 +147,14 @@ def adapt_params(source_params: dict, target_params: dict, stem_kernel: tuple[st
 
 def check_before_start(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses a bad config.init_from before the workdir is touched (a resume does not read it)."""
-  if config.init_from and not run_folder.has_checkpoint(pathlib.Path(workdir).absolute()):
-    source = pathlib.Path(config.init_from).expanduser().absolute()
+  if config.init_from and not run_folder.has_checkpoint(storage.path(workdir)):
+    source = storage.path(epath.Path(config.init_from).expanduser())
     check_architecture(load_source_config(source), config, source, log=False)
 
 
 def initialize(state: TrainState, config: ml_collections.ConfigDict, tx, sharding) -> TrainState:
   """A fresh run's `state` with the weights of the run config.init_from names (see the docstring)."""
-  source = pathlib.Path(config.init_from).expanduser().absolute()
+  source = storage.path(epath.Path(config.init_from).expanduser())
   source_config = load_source_config(source)
   check_architecture(source_config, config, source)
   params, batch_stats, step, ema = restore_source(source, source_config, sharding)
@@ -172,7 +172,7 @@ def initialize(state: TrainState, config: ml_collections.ConfigDict, tx, shardin
                   if state.ema_params is not None else None))
 
 
-def _same_shape(loaded, fresh, source: pathlib.Path) -> None:
+def _same_shape(loaded, fresh, source: epath.Path) -> None:
   if np.shape(loaded) != np.shape(fresh):
     raise UserError(f'config.init_from={str(source)!r}: its BatchNorm statistics have shape '
                     f'{np.shape(loaded)} where this model has {np.shape(fresh)}; pass a run of '
