@@ -14,7 +14,7 @@ malloc_tuning.reexec_with_tuned_malloc()  # Before JAX allocates (see its docstr
 
 from absl import flags
 
-from mobilenet import errors
+from mobilenet import compilation_cache, errors
 from mobilenet.experiments import evaluate
 
 _WORKDIR = flags.DEFINE_multi_string(
@@ -27,6 +27,7 @@ errors.mark_required(['workdir'])
 
 
 def main(argv):
+  compilation_cache.enable()  # Before anything compiles.
   # Shell-expanded globs arrive as extra arguments after the first --workdir value.
   table, results = evaluate.evaluate_runs(_WORKDIR.value + argv[1:], _OUTPUT.value,
                                           _DATA_DIR.value)

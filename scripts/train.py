@@ -16,7 +16,7 @@ malloc_tuning.reexec_with_tuned_malloc()  # Before JAX allocates (see its docstr
 from absl import flags
 from ml_collections import config_flags
 
-from mobilenet import errors
+from mobilenet import compilation_cache, errors
 from mobilenet.training import parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, errors.CONFIG_HELP,
@@ -30,6 +30,7 @@ errors.mark_required(['config', 'workdir'])
 
 
 def main(argv):
+  compilation_cache.enable()  # Before anything compiles.
   if len(argv) > 1:
     raise errors.UserError(f'unexpected arguments {argv[1:]}; pass settings as --config.x=y')
   if _DISTRIBUTED.value or _COORDINATOR.value:

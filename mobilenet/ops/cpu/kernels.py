@@ -56,7 +56,7 @@ def cache_dir() -> pathlib.Path:
   return pathlib.Path(os.environ.get('MOBILENET_CACHE_DIR', default))
 
 
-def _cpu_features() -> bytes:
+def cpu_features() -> bytes:
   """The CPU's feature flags: -march=native code must not run on a different CPU."""
   try:
     with open('/proc/cpuinfo', 'rb') as cpuinfo:
@@ -67,7 +67,7 @@ def _cpu_features() -> bytes:
 
 def build() -> pathlib.Path:
   """Compiles the kernels once per sources, jax version and CPU; returns the library's path."""
-  digest = hashlib.sha256(jax.__version__.encode() + _cpu_features())
+  digest = hashlib.sha256(jax.__version__.encode() + cpu_features())
   for path in SOURCES + HEADERS:
     digest.update(path.read_bytes())
   library = cache_dir() / f'mobilenet_cpu_{digest.hexdigest()[:16]}.so'
