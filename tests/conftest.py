@@ -1,5 +1,11 @@
-"""Fixtures shared between test files: the prepared Fashion-MNIST."""
+"""Fixtures shared between test files: the prepared Fashion-MNIST; the compilation cache."""
 import pytest
+
+from mobilenet import compilation_cache
+
+# As the CLIs (and the scripts the tests start) do: a second run of the suite, and the slow tier after
+# the default one, load the programs compiled before instead of compiling them again.
+compilation_cache.enable()
 
 
 @pytest.fixture(scope='session')
