@@ -79,8 +79,9 @@ def write(tmp_path, name, model_bytes) -> str:
   return path
 
 
-@pytest.mark.parametrize('name,ops', [(name, 'plain') for name in ARCHITECTURES]
-                         + [('mobilenet_v1', 'fast'), ('mobilenet_v3_small', 'fast')])
+@pytest.mark.parametrize('name,ops', [
+    pytest.param(name, 'plain', marks=() if name in FAST_ONE else pytest.mark.slow)
+    for name in ARCHITECTURES] + [('mobilenet_v3_small', 'fast')])  # SE, hard-swish, residuals.
 def test_folded_model_computes_the_models_inference_function(name, ops):
   """Folding reads only parameters, so the op set the model trained with does not matter."""
   model = small_model(name).clone(ops=ops)

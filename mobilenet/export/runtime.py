@@ -65,6 +65,7 @@ def _onnx(path: str, num_threads: int | None) -> Predictor:
 
 def load(path: str, num_threads: int | None = None) -> Predictor:
   """The exported model at `path`, on `num_threads` CPU threads (None: the runtime's default)."""
+  model_format = format_of(path)
   if not os.path.isfile(path):
     raise UserError(f'{path}: no such model file; write one with scripts/export.py')
-  return (_tflite if format_of(path) == 'tflite' else _onnx)(path, num_threads)
+  return (_tflite if model_format == 'tflite' else _onnx)(path, num_threads)
