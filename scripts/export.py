@@ -1,4 +1,4 @@
-"""Exports a trained run to a model file that runs without JAX (LiteRT / TFLite or onnxruntime).
+r"""Exports a trained run to a model file that runs without JAX (LiteRT / TFLite or onnxruntime).
 
   python3 scripts/export.py --workdir runs/default --format tflite --output runs/default/model.tflite
   python3 scripts/export.py --workdir runs/default --format tflite --quantize int8 \
