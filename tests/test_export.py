@@ -228,3 +228,31 @@ def test_export_script_end_to_end(fashion_mnist_data_dir, tmp_path):
   assert 'tflite int8' in result.stdout and 'test top-1: exported' in result.stdout
   predictor = runtime.load(str(output))
   assert predictor.input_shape == (1, *IMAGE_SHAPE)
+
+
+def test_eval_times_a_runs_exported_model_and_plots_accuracy_against_latency(tmp_path):
+  """experiments/evaluate.py: the export found in a run folder, its latency in the table and plot."""
+  from matplotlib import image as mpimg  # pylint: disable=import-outside-toplevel
+  from mobilenet.experiments import evaluate  # pylint: disable=import-outside-toplevel
+  model = small_model('mobilenet_v1')
+  float_tflite = tflite.convert(folded_apply(model, trained_looking_variables(model)), IMAGE_SHAPE)
+  timed, untimed = tmp_path / 'timed', tmp_path / 'untimed'
+  timed.mkdir()
+  untimed.mkdir()
+  write(timed, 'model_int8.tflite', b'not timed: int8 files are skipped')
+  path = write(timed, 'v1.tflite', float_tflite)
+  assert evaluate.exported_model(str(timed)) == path
+  assert evaluate.exported_model(str(untimed)) is None
+  results = [evaluate.RunResult(str(folder), architecture='mobilenet_v1', width_multiplier=0.25,
+                                resolution=28, conv_type='separable', params=params,
+                                mult_adds=10 * params, top1=0.9, top5=0.99)
+             for folder, params in ((timed, 2_000), (untimed, 1_000))]
+  for result in results:
+    evaluate.measure_latency(result, always=False)  # The untimed run has nothing to time.
+  assert results[0].latency_model == path and 0 < results[0].latency_ms < 1000
+  assert results[0].latency_ms_all_threads > 0 and results[1].latency_ms is None
+  table = evaluate.format_table(results).splitlines()
+  assert 'latency ms (1 thread)' in table[0]
+  assert f'| {results[0].latency_ms:.3f} |' in table[3] and table[2].endswith('|  |  | ok |')
+  evaluate.plot_accuracy(results[:1], 'latency_ms', 'latency', tmp_path / 'plot.png')
+  assert mpimg.imread(tmp_path / 'plot.png').ndim == 3
