@@ -208,14 +208,15 @@ def test_export_checks_its_arguments_before_restoring(tmp_path):
 @pytest.mark.slow
 @needs_data
 def test_export_script_end_to_end(fashion_mnist_data_dir, tmp_path):
-  """A 4-step run, exported to int8 .tflite by the script; its report and file are real."""
+  """A 4-step run with EMA, exported to int8 .tflite by the script from its EMA weights."""
   workdir = tmp_path / 'run'
   env = dict(os.environ, PYTHONPATH=str(ROOT),
              XLA_FLAGS='--xla_backend_optimization_level=0')  # 4 steps need only a fast compile.
   subprocess.run([sys.executable, str(ROOT / 'scripts' / 'train.py'), '--config',
                   str(ROOT / 'configs' / 'default.py'), '--workdir', str(workdir),
                   f'--config.data_dir={fashion_mnist_data_dir}', '--config.num_train_steps=4',
-                  '--config.batch_size=32', '--config.eval_batch_size=1000'],
+                  '--config.batch_size=32', '--config.eval_batch_size=1000',
+                  '--config.ema_decay=0.9'],
                  check=True, env=env, capture_output=True)
   output = tmp_path / 'model_int8.tflite'
   result = subprocess.run(
@@ -226,6 +227,7 @@ def test_export_script_end_to_end(fashion_mnist_data_dir, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert output.is_file() and not (tmp_path / 'model_int8.tflite.partial').exists()
   assert 'tflite int8' in result.stdout and 'test top-1: exported' in result.stdout
+  assert 'step 4 (EMA weights)' in result.stdout
   predictor = runtime.load(str(output))
   assert predictor.input_shape == (1, *IMAGE_SHAPE)
 
