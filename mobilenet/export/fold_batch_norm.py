@@ -21,13 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from mobilenet.models.mobilenet import MobileNet
+from mobilenet.ops import op_sets
 
 Variables = dict[str, Any]
 
 
-def conv_of(norm_name: str) -> str:
-  """The convolution a BatchNorm follows, by the blocks' naming (models/blocks.py)."""
-  return 'conv' if norm_name == 'bn' else norm_name.removesuffix('_bn')
+def norm_of(conv_name: str) -> str:
+  """The BatchNorm that follows a convolution, by the blocks' naming (models/blocks.py)."""
+  return 'bn' if conv_name == 'conv' else f'{conv_name}_bn'
 
 
 def _is_norm(name: str) -> bool:
@@ -40,7 +41,7 @@ def _fold_module(params: dict, stats: dict, epsilon: float) -> dict:
   for name, child in params.items():
     if _is_norm(name):
       continue  # Folded with its convolution below.
-    norm = 'bn' if name == 'conv' else f'{name}_bn'
+    norm = norm_of(name)
     if 'kernel' in child and norm in params:
       folded[name] = _fold_conv(child['kernel'], params[norm], stats[norm], epsilon)
     elif 'kernel' in child:  # A dense layer (SE, pre-logits, head) keeps its own bias.
@@ -65,7 +66,7 @@ def fold(model: MobileNet, variables: Variables) -> tuple[MobileNet, dict]:
   folded_params = _fold_module(jax.device_get(variables['params']),
                                jax.device_get(variables.get('batch_stats', {})),
                                model.batch_norm_epsilon)
-  folded_model = model.clone(ops='folded', dtype=jnp.float32, dropout_rate=0.0)
+  folded_model = model.clone(ops=op_sets.FOLDED, dtype=jnp.float32, dropout_rate=0.0)
   channels = model.plan.stages[0].in_channels
   expected = jax.eval_shape(folded_model.init, jax.random.key(0),
                             jnp.zeros((1, 32, 32, channels)))['params']
