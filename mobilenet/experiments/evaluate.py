@@ -6,9 +6,13 @@ them), evaluates top-1 and top-5 on the whole test split with the trainer's
 `train.evaluate`, and writes, in `output_dir`: results.csv, results.jsonl,
 accuracy_vs_params.png, accuracy_vs_mult_adds.png (the paper's Figures 4-5)
 and TensorBoard scalars with the parameter / mult-add count as the step. It
-returns the Markdown table, sorted by parameters. A workdir without a config
-or a checkpoint, or one that fails, becomes a row saying so. Workdirs and the
-output folder may be local or on an object store (gs://bucket/runs/*).
+returns the Markdown table, sorted by parameters. Runs with an exported model
+in their folder (scripts/export.py: *.tflite, *.onnx), or every run with
+`latency=True`, also get the single-image latency of that model
+(export/latency.py) in latency_ms columns and accuracy_vs_latency.png. A
+workdir without a config or a checkpoint, or one that fails, becomes a row
+saying so. Workdirs and the output folder may be local or on an object store
+(gs://bucket/runs/*).
 """
 import csv
 import dataclasses
@@ -20,6 +24,7 @@ import math
 import os
 import posixpath
 import re
+import tempfile
 
 import jax
 import ml_collections
@@ -54,6 +59,9 @@ class RunResult:
   top5: float | None = None
   loss: float | None = None
   examples: int | None = None
+  latency_model: str | None = None  # The exported file timed (export/latency.py).
+  latency_ms: float | None = None  # Median single-image latency, 1 thread.
+  latency_ms_all_threads: float | None = None  # The same on all cores.
 
 
 FIELDS = [field.name for field in dataclasses.fields(RunResult)]
@@ -192,6 +200,30 @@ def evaluate_run(workdir: str, mesh, data_dir: str | None = None) -> RunResult:
   return result
 
 
+def exported_model(workdir: str) -> str | None:
+  """The exported model to time in a run folder: model.tflite, else the first float .tflite / .onnx."""
+  candidates = [os.path.join(workdir, 'model.tflite')] + sorted(
+      path for pattern in ('*.tflite', '*.onnx') for path in glob.glob(os.path.join(workdir, pattern))
+      if 'int8' not in os.path.basename(path))
+  return next((path for path in candidates if os.path.isfile(path)), None)
+
+
+def measure_latency(result: RunResult, always: bool) -> None:
+  """Times the run's exported model; with `always`, exports a float .tflite to time when there is none."""
+  from mobilenet.export import export_run, latency  # pylint: disable=import-outside-toplevel
+  path = exported_model(result.workdir)
+  with tempfile.TemporaryDirectory() as folder:
+    if path is None and always:
+      path = os.path.join(folder, 'model.tflite')  # Not in the run folder: eval writes none there.
+      export_run.export_run(result.workdir, path, 'tflite')
+    if path is None:
+      return
+    one, *more = latency.measure(path)
+  result.latency_model = path if os.path.dirname(path) != folder else 'model.tflite (exported by eval)'
+  result.latency_ms = one.median_ms
+  result.latency_ms_all_threads = more[-1].median_ms if more else one.median_ms
+
+
 def _sort_key(result: RunResult):
   """By parameters, then mult-adds; rows without counts last."""
   return (result.params is None, result.params or 0, result.mult_adds or 0, result.workdir)
@@ -206,18 +238,27 @@ def _number(value: int | None) -> str:
 
 
 def format_table(results: list[RunResult]) -> str:
-  """A Markdown table of the runs, sorted by parameters."""
+  """A Markdown table of the runs, sorted by parameters (with latency columns when any was timed)."""
+  timed = any(r.latency_ms is not None for r in results)
   lines = ['| run | architecture | alpha | resolution | conv | params | mult-adds | step '
-           '| top-1 % | top-5 % | status |',
-           '|---|---|---:|---:|---|---:|---:|---:|---:|---:|---|']
+           '| top-1 % | top-5 % |' + (' latency ms (1 thread) | latency ms (all cores) |' if timed
+                                      else '') + ' status |',
+           '|---|---|---:|---:|---|---:|---:|---:|---:|---:|' + ('---:|---:|' if timed else '')
+           + '---|']
   for r in sorted(results, key=_sort_key):
+    latency = (f'| {_milliseconds(r.latency_ms)} | {_milliseconds(r.latency_ms_all_threads)} '
+               if timed else '')
     lines.append(
         f'| {os.path.basename(os.path.normpath(r.workdir))} | {r.architecture or ""} '
         f'| {"" if r.width_multiplier is None else r.width_multiplier} '
         f'| {"" if r.resolution is None else r.resolution} | {r.conv_type or ""} '
         f'| {_number(r.params)} | {_number(r.mult_adds)} | {_number(r.step)} '
-        f'| {_percent(r.top1)} | {_percent(r.top5)} | {r.status} |')
+        f'| {_percent(r.top1)} | {_percent(r.top5)} {latency}| {r.status} |')
   return '\n'.join(lines)
+
+
+def _milliseconds(value: float | None) -> str:
+  return '' if value is None else f'{value:.3f}'
 
 
 def write_records(results: list[RunResult], output_dir: epath.Path) -> None:
@@ -303,8 +344,12 @@ def write_tensorboard(results: list[RunResult], output_dir: epath.Path) -> None:
 
 
 def evaluate_runs(workdirs: list[str], output_dir: str | None = None,
-                  data_dir: str | None = None) -> tuple[str, list[RunResult]]:
-  """Evaluates every workdir (paths or globs), writes the outputs; returns (table, results)."""
+                  data_dir: str | None = None, latency: bool = False) -> tuple[str, list[RunResult]]:
+  """Evaluates every workdir (paths or globs), writes the outputs; returns (table, results).
+
+  With `latency`, runs without an exported model get one (a float .tflite in a
+  temporary folder) to time; runs with one are timed either way.
+  """
   workdirs = expand_workdirs(workdirs)
   if not workdirs:
     raise UserError('no workdirs given; pass --workdir runs/a [runs/b ...] or a glob')
@@ -320,6 +365,12 @@ def evaluate_runs(workdirs: list[str], output_dir: str | None = None,
     logging.info('evaluating %d/%d: %s', index, len(workdirs), workdir)
     try:
       result = evaluate_run(workdir, mesh, data_dir)
+      if result.top1 is not None:
+        try:
+          measure_latency(result, always=latency)
+        except Exception as error:  # The accuracy stands without the timing.
+          logging.exception('timing the exported model of %s failed', workdir)
+          result.status = f'ok; no latency: {type(error).__name__}: {" ".join(str(error).split())[:200]}'
     except UserError as error:
       result = RunResult(workdir=workdir, status=f'error: {error}')
     except Exception as error:  # One broken run must not cost the others their rows.
@@ -335,5 +386,9 @@ def evaluate_runs(workdirs: list[str], output_dir: str | None = None,
     plot_accuracy(evaluated, 'params', 'parameters', output / 'accuracy_vs_params.png')
     plot_accuracy(evaluated, 'mult_adds', 'mult-adds per example',
                   output / 'accuracy_vs_mult_adds.png')
+    timed = [r for r in evaluated if r.latency_ms is not None]
+    if timed:
+      plot_accuracy(timed, 'latency_ms', 'single-image latency (ms, 1 thread, exported model)',
+                    output / 'accuracy_vs_latency.png')
     write_tensorboard(evaluated, output)
   return format_table(results), results

@@ -60,10 +60,12 @@ class SqueezeExcite(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    s = jnp.mean(x, axis=(1, 2), keepdims=True)
+    # The dense layers act on (N, C), not (N, 1, 1, C): TFLite's converter rejects the
+    # rank-4 batch matmul the latter becomes (export/tflite.py).
+    s = jnp.mean(x, axis=(1, 2))
     s = nn.relu(nn.Dense(self.bottleneck, dtype=self.dtype, name='squeeze')(s))
     s = jax.nn.hard_sigmoid(nn.Dense(x.shape[-1], dtype=self.dtype, name='excite')(s))
-    return x * s.astype(x.dtype)
+    return x * s.astype(x.dtype)[:, None, None, :]
 
 
 class InvertedResidual(nn.Module):

@@ -22,6 +22,12 @@ flax's ResNet example passes `conv` and `norm`:
   BatchNorm + ReLU/ReLU6; on GPU and TPU XLA's convolutions and a BatchNorm with
   a hand-written VJP. tests/test_op_sets.py checks that every architecture
   computes the same logits and gradients with both.
+
+And one for inference only, not a training choice:
+
+- 'folded': `nn.Conv` with a bias and `norm` = the activation alone, for
+  parameters whose BatchNorms were folded into the convolutions
+  (export/fold_batch_norm.py). Standard ops only, so the graph exports.
 """
 import dataclasses
 import functools
@@ -33,7 +39,8 @@ from jax import lax
 
 from mobilenet.ops import batch_norm, convolution, depthwise, pointwise
 
-OP_SETS = ('fast', 'plain')
+OP_SETS = ('fast', 'plain')  # What a config may train with.
+FOLDED = 'folded'
 ModuleDef = Any
 
 # He initialization: every convolution here is followed by BatchNorm and, mostly, a ReLU.
@@ -48,6 +55,14 @@ class PlainBatchNormActivation(nn.BatchNorm):
   def __call__(self, x, use_running_average=None, **kwargs):
     y = super().__call__(x, use_running_average=use_running_average, **kwargs)
     return y if self.activation is None else self.activation(y)
+
+
+class Activation(nn.Module):
+  """What remains of BatchNorm + activation once the BatchNorm is folded: the activation (None: none)."""
+  activation: Callable | None = None
+
+  def __call__(self, x):
+    return x if self.activation is None else self.activation(x)
 
 
 class Conv(nn.Module):
@@ -112,4 +127,10 @@ def op_set(name: str, *, train: bool, dtype: Any = jnp.float32, batch_norm_momen
                  conv=functools.partial(Conv, dtype=dtype,
                                         depthwise_implementation=depthwise_implementation),
                  norm=functools.partial(batch_norm.BatchNormActivation, **norm_settings))
+  if name == FOLDED:
+    if train:
+      raise ValueError("the 'folded' op set computes inference only (its BatchNorms are folded)")
+    return OpSet(name,
+                 conv=functools.partial(nn.Conv, use_bias=True, padding='SAME', dtype=dtype),
+                 norm=Activation)
   raise ValueError(f'unknown op set {name!r}; choose one of {OP_SETS}')
