@@ -418,6 +418,30 @@ def _fail_at_second_save(monkeypatch, action):
   monkeypatch.setattr(checkpointing.Checkpoints, 'save', save)
 
 
+_PROBE_LOOP = """
+import sys
+import numpy as np
+from mobilenet.training import checkpointing
+checkpoints = checkpointing.Checkpoints(sys.argv[1])
+problems = {checkpoints.write_problem(1, {'w': np.zeros(4, np.float32)}) for _ in range(1500)}
+print(problems - {None} or 'none')
+"""
+
+
+def test_hosts_checking_a_shared_folder_at_once_never_see_a_false_failure(tmp_path):
+  """Every host checks the folder before a collective save, at the same moment; with one shared
+  probe file a host could delete another's between its write and its removal (about 1% of checks
+  on two cores) and stop alone, leaving the others in Orbax's save barrier."""
+  folder = tmp_path / 'checkpoints'
+  env = {**os.environ, 'PYTHONPATH': str(ROOT), 'JAX_PLATFORMS': 'cpu'}
+  hosts = [subprocess.Popen([sys.executable, '-c', _PROBE_LOOP, str(folder)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+  for host in hosts:
+    out, err = host.communicate(timeout=120)
+    assert host.returncode == 0, err[-2000:]
+    assert out.strip() == 'none', out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('fault,named', [
     ('deleted', 'deleted'), ('immutable', 'not writable'), ('full disk', 'disk'),

@@ -27,6 +27,7 @@ checkpoint aside is a copy and a delete (epath's rename).
 import errno
 import hashlib
 import json
+import os
 import shutil
 
 import jax
@@ -175,29 +176,49 @@ class Checkpoints:
       write_manifest(folder, bookkeeping=False)
 
   def _check_can_write(self, step: int, state) -> None:
-    """Fails in milliseconds, naming the problem, where Orbax would print tracebacks or hang."""
+    """Fails in milliseconds, naming the problem, where Orbax would print tracebacks or hang.
+
+    With several hosts the verdict is agreed: a host that raised alone would leave the
+    others waiting in Orbax's collective save until its barrier timed out.
+    """
+    problem = self.write_problem(step, state)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      failed = multihost_utils.process_allgather(np.int32(problem is not None))
+      if problem is None and failed.any():
+        problem = (f'cannot save checkpoint {step} in {self._directory}: host '
+                   f'{int(np.flatnonzero(failed)[0])} cannot write there (its log names the '
+                   'problem and the fix)')
+    if problem is not None:
+      raise UserError(problem)
+
+  def write_problem(self, step: int, state) -> str | None:
+    """This host's reason why checkpoint `step` cannot be written now, as one line, or None."""
     where = f'cannot save checkpoint {step} in {self._directory}'
     kept = f'the last complete checkpoint ({self.latest_step()}) is kept'
     if not self._directory.is_dir():
-      raise UserError(f'{where}: the folder was deleted while the run was training; restore it '
-                      'or rerun the same command to start again')
-    probe = self._directory / '.write_probe'
+      return (f'{where}: the folder was deleted while the run was training; restore it '
+              'or rerun the same command to start again')
+    # One probe per host and process: hosts sharing the folder (a bucket, NFS) must not delete
+    # each other's probe between its write and its removal.
+    probe = self._directory / f'.write_probe.{jax.process_index()}.{os.getpid()}'
     try:
       probe.write_bytes(b'0')
       probe.unlink()
     except Exception as error:  # OSError here; TensorFlow's errors on gs://.
       problem, fix = _write_problem(error)
-      raise UserError(f'{where}: {problem} ({_first_line(error)}); {kept}; {fix} and rerun the '
-                      'same command to resume') from None
+      return (f'{where}: {problem} ({_first_line(error)}); {kept}; {fix} and rerun the '
+              'same command to resume')
     if not storage.is_local(self._directory):
-      return  # A bucket has no free space to check.
+      return None  # A bucket has no free space to check.
     needed = sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize
                  for leaf in jax.tree.leaves(state)) + (1 << 20)  # Plus Orbax's metadata.
     free = shutil.disk_usage(self._directory).free
     if free < needed:
-      raise UserError(f'{where}: the disk has {free / 2**20:.1f} MiB free and the checkpoint '
-                      f'needs about {needed / 2**20:.1f} MiB; {kept}; free space there and rerun '
-                      'the same command to resume')
+      return (f'{where}: the disk has {free / 2**20:.1f} MiB free and the checkpoint '
+              f'needs about {needed / 2**20:.1f} MiB; {kept}; free space there and rerun '
+              'the same command to resume')
+    return None
 
   def _write_failed(self, step: int | None, error: BaseException) -> UserError:
     """Removes the unfinished temporary folder (no data: never committed) and names the problem."""
