@@ -66,22 +66,29 @@ def _assert_training_matches_flax(implementation, activation, shape, seed):
 
 
 @pytest.mark.parametrize('implementation', IMPLEMENTATIONS)
-@pytest.mark.parametrize('activation', [nn.relu, jax.nn.relu6, batch_norm.identity],
-                         ids=['relu', 'relu6', 'none'])
+@pytest.mark.parametrize('activation', [nn.relu, jax.nn.relu6, batch_norm.identity,
+                                        jax.nn.hard_swish],
+                         ids=['relu', 'relu6', 'none', 'hard_swish'])
 @pytest.mark.parametrize('shape', [(4, 5, 7, 3), (6, 3, 3, 33), (10, 16)])
 def test_training_matches_flax_batch_norm(implementation, activation, shape):
   _assert_training_matches_flax(implementation, activation, shape, seed=sum(shape))
 
 
 @pytest.mark.parametrize('implementation', IMPLEMENTATIONS)
-def test_inference_matches_flax_batch_norm(implementation):
+@pytest.mark.parametrize('activation', [jax.nn.relu6, jax.nn.hard_swish], ids=['relu6', 'hard_swish'])
+def test_inference_matches_flax_batch_norm(implementation, activation):
   rng = np.random.default_rng(0)
   params, stats = _random_state(rng, 12)
-  x = jnp.asarray(rng.normal(0.5, 2.0, (3, 4, 4, 12)), jnp.float32)
+  x = jnp.asarray(rng.normal(0.5, 4.0, (3, 4, 4, 12)), jnp.float32)
   variables = {'params': params, 'batch_stats': stats}
-  expected = _FlaxReference(True, jax.nn.relu6).apply(variables, x)
-  got = _Ours(True, jax.nn.relu6, implementation).apply(variables, x)
+  expected = _FlaxReference(True, activation).apply(variables, x)
+  got = _Ours(True, activation, implementation).apply(variables, x)
   np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+  # Gradients through inference mode (per-example gradients, attribution).
+  want = jax.grad(lambda x: jnp.sum(_FlaxReference(True, activation).apply(variables, x) ** 2))(x)
+  have = jax.grad(lambda x: jnp.sum(_Ours(True, activation, implementation).apply(variables, x)
+                                    ** 2))(x)
+  np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5)
 
 
 def test_xla_implementation_takes_any_activation():
@@ -120,13 +127,14 @@ def test_same_variables_as_flax_batch_norm():
 def test_cpu_kernel_rejects_an_activation_it_cannot_compute():
   if not cpu_kernels.available():
     pytest.skip(f'C++ kernels unavailable: {cpu_kernels.error()}')
-  with pytest.raises(ValueError, match='ReLU, ReLU6 and no activation only'):
+  with pytest.raises(ValueError, match='ReLU, ReLU6, hard-swish and no activation only'):
     _Ours(False, nn.gelu, 'cpu_kernel').init(jax.random.key(0), jnp.ones((2, 3)))
 
 
-def test_auto_picks_the_kernel_on_cpu_for_relu_only():
+def test_auto_picks_the_kernel_on_cpu_for_the_activations_it_computes():
   expected = 'cpu_kernel' if cpu_kernels.available() else 'xla'
-  assert batch_norm.resolve_implementation('auto', nn.relu, 'cpu') == expected
+  for activation in (nn.relu, jax.nn.relu6, jax.nn.hard_swish, batch_norm.identity):
+    assert batch_norm.resolve_implementation('auto', activation, 'cpu') == expected
   assert batch_norm.resolve_implementation('auto', nn.gelu, 'cpu') == 'xla'
   assert batch_norm.resolve_implementation('auto', nn.relu, 'gpu') == 'xla'
   with pytest.raises(ValueError, match='unknown batch_norm implementation'):

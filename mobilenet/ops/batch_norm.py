@@ -99,9 +99,23 @@ def identity(x):
   return x
 
 
-# The activations the C++ kernels compute, as clip(z, lo, hi).
-CLIP_BOUNDS = {nn.relu: (0.0, float('inf')), jax.nn.relu6: (0.0, 6.0),
-               identity: (float('-inf'), float('inf'))}
+# The activations the C++ kernels compute, as (kind, lo, hi): kind 0 is clip(z, lo, hi), kind 1
+# hard-swish (batch_norm_cpu.cc's ActivationKind; lo and hi unused).
+KERNEL_ACTIVATIONS = {nn.relu: (0, 0.0, float('inf')), jax.nn.relu6: (0, 0.0, 6.0),
+                      identity: (0, float('-inf'), float('inf')),
+                      jax.nn.hard_swish: (1, float('-inf'), float('inf'))}
+
+
+def _kernel_attributes(kernel_activation) -> dict:
+  kind, lo, hi = kernel_activation
+  return {'activation': np.int32(kind), 'lo': np.float32(lo), 'hi': np.float32(hi)}
+
+
+def _activation_affine(x, a, b, kernel_activation):
+  """What the 'apply' kernel computes, in XLA: its reference and its VJP."""
+  kind, lo, hi = kernel_activation
+  z = x * a + b
+  return jax.nn.hard_swish(z) if kind == 1 else jnp.clip(z, lo, hi)
 IMPLEMENTATIONS = select.IMPLEMENTATIONS['batch_norm']
 
 
@@ -131,62 +145,57 @@ def _kernel(name, out_shapes, *operands, **attributes):
   return outputs[0] if single else outputs
 
 
-def _kernel_forward(x, scale, bias, epsilon, lo, hi):
+def _kernel_forward(x, scale, bias, epsilon, kernel_activation):
   channels = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
   mean, var = _kernel('stats', (channels, channels), x)
   inv_std = jax.lax.rsqrt(var + epsilon)
   a, b = _coefficients(mean, inv_std, scale, bias)
   y = _kernel('apply', jax.ShapeDtypeStruct(x.shape, jnp.float32), x, a, b,
-              lo=np.float32(lo), hi=np.float32(hi))
+              **_kernel_attributes(kernel_activation))
   return y, mean, var, inv_std
 
 
-def _clip_affine(x, a, b, lo, hi):
-  """What the 'apply' kernel computes, in XLA: its reference and its VJP."""
-  return jnp.clip(x * a + b, lo, hi)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _kernel_apply(x, a, b, lo, hi):
-  """clip(x * a + b, lo, hi) on the kernel (inference mode), differentiable through XLA's form."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _kernel_apply(x, a, b, kernel_activation):
+  """activation(x * a + b) on the kernel (inference mode), differentiable through XLA's form."""
   return _kernel('apply', jax.ShapeDtypeStruct(x.shape, jnp.float32), x, a, b,
-                 lo=np.float32(lo), hi=np.float32(hi))
+                 **_kernel_attributes(kernel_activation))
 
 
-def _kernel_apply_fwd(x, a, b, lo, hi):
-  return _kernel_apply(x, a, b, lo, hi), (x, a, b)
+def _kernel_apply_fwd(x, a, b, kernel_activation):
+  return _kernel_apply(x, a, b, kernel_activation), (x, a, b)
 
 
-def _kernel_apply_bwd(lo, hi, residuals, g):
+def _kernel_apply_bwd(kernel_activation, residuals, g):
   # Gradients through inference-mode BatchNorm (per-example gradients,
   # attribution) are rare and elementwise: XLA's own VJP suffices.
-  _, vjp = jax.vjp(lambda *args: _clip_affine(*args, lo, hi), *residuals)
+  _, vjp = jax.vjp(lambda *args: _activation_affine(*args, kernel_activation), *residuals)
   return vjp(g)
 
 
 _kernel_apply.defvjp(_kernel_apply_fwd, _kernel_apply_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _kernel_train(x, scale, bias, epsilon, lo, hi):
-  """(clip(BN(x), lo, hi), batch mean, batch var) on the C++ kernels; x float32."""
-  y, mean, var, _ = _kernel_forward(x, scale, bias, epsilon, lo, hi)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _kernel_train(x, scale, bias, epsilon, kernel_activation):
+  """(activation(BN(x)), batch mean, batch var) on the C++ kernels; x float32."""
+  y, mean, var, _ = _kernel_forward(x, scale, bias, epsilon, kernel_activation)
   return y, mean, var
 
 
-def _kernel_train_fwd(x, scale, bias, epsilon, lo, hi):
-  y, mean, var, inv_std = _kernel_forward(x, scale, bias, epsilon, lo, hi)
+def _kernel_train_fwd(x, scale, bias, epsilon, kernel_activation):
+  y, mean, var, inv_std = _kernel_forward(x, scale, bias, epsilon, kernel_activation)
   return (y, mean, var), (x, mean, inv_std, scale, bias)
 
 
-def _kernel_train_bwd(epsilon, lo, hi, residuals, cotangents):
+def _kernel_train_bwd(epsilon, kernel_activation, residuals, cotangents):
   del epsilon
   x, mean, inv_std, scale, bias = residuals
   dy = cotangents[0]
   count = x.size // x.shape[-1]
   a, b = _coefficients(mean, inv_std, scale, bias)
   channels = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
-  bounds = {'lo': np.float32(lo), 'hi': np.float32(hi)}
+  bounds = _kernel_attributes(kernel_activation)
   sum_g, sum_gx = _kernel('backward_sums', (channels, channels), x, dy, a, b, mean, **bounds)
   # dx = a * (g - sum_g / count - normalized * d_scale / count) = a * g + k1 * x + k0.
   k1 = -a * jnp.square(inv_std) * sum_gx / count
@@ -200,9 +209,10 @@ _kernel_train.defvjp(_kernel_train_fwd, _kernel_train_bwd)
 
 
 def resolve_implementation(name: str, activation: Callable, backend: Optional[str] = None) -> str:
-  """'auto' per ops/select.py, except that the C++ kernels compute ReLU and ReLU6 (and identity) only."""
+  """'auto' per ops/select.py, except that the C++ kernels compute ReLU, ReLU6, hard-swish and
+  identity only."""
   choice = select.resolve('batch_norm', name, backend)
-  if name == 'auto' and choice == 'cpu_kernel' and activation not in CLIP_BOUNDS:
+  if name == 'auto' and choice == 'cpu_kernel' and activation not in KERNEL_ACTIVATIONS:
     return 'xla'
   return choice
 
@@ -219,7 +229,7 @@ class BatchNormActivation(nn.Module):
   epsilon: float = 1e-3
   activation: Optional[Callable] = nn.relu  # None: no activation.
   dtype: Any = jnp.float32
-  implementation: str = 'auto'  # 'xla', 'cpu_kernel' (ReLU, ReLU6 or none) or 'auto'.
+  implementation: str = 'auto'  # 'xla', 'cpu_kernel' (ReLU, ReLU6, hard-swish, none) or 'auto'.
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -230,20 +240,19 @@ class BatchNormActivation(nn.Module):
     running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
     running_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
     on_kernel = resolve_implementation(self.implementation, activation) == 'cpu_kernel'
-    if on_kernel and activation not in CLIP_BOUNDS:
-      raise ValueError('the batch-norm CPU kernel computes ReLU, ReLU6 and no activation only, '
-                       f'not {activation}')
+    if on_kernel and activation not in KERNEL_ACTIVATIONS:
+      raise ValueError('the batch-norm CPU kernel computes ReLU, ReLU6, hard-swish and no '
+                       f'activation only, not {activation}')
     if self.use_running_average:
       a, b = inference_affine({'scale': scale, 'bias': bias},
                               {'mean': running_mean.value, 'var': running_var.value}, self.epsilon)
       if on_kernel:
-        lo, hi = CLIP_BOUNDS[activation]
-        y = _kernel_apply(x.astype(jnp.float32), a, b, lo, hi)
+        y = _kernel_apply(x.astype(jnp.float32), a, b, KERNEL_ACTIVATIONS[activation])
         return y.astype(self.dtype)
       return activation(x.astype(jnp.float32) * a + b).astype(self.dtype)
     if on_kernel:
       y, mean, var = _kernel_train(x.astype(jnp.float32), scale, bias, self.epsilon,
-                                   *CLIP_BOUNDS[activation])
+                                   KERNEL_ACTIVATIONS[activation])
       y = y.astype(self.dtype)
     else:
       y, mean, var = _xla_train(x, scale, bias, self.epsilon, activation, self.dtype)

@@ -1,4 +1,4 @@
-// BatchNorm + clipped-linear activation (ReLU, ReLU6 or none) for XLA:CPU, via jax.ffi.
+// BatchNorm + activation (ReLU, ReLU6, none or hard-swish) for XLA:CPU, via jax.ffi.
 //
 // XLA:CPU runs the elementwise loops of BatchNorm's forward and backward
 // passes 10-20x below memory bandwidth on channels-minor activations (the
@@ -6,11 +6,13 @@
 // of a training step. These loops read the (rows, channels) activations with
 // channels innermost, so they vectorize, and each makes one pass.
 //
-// The activation is clip(z, lo, hi) with z = x * a + b: ReLU is lo = 0,
-// hi = +inf; ReLU6 is lo = 0, hi = 6; none is lo = -inf, hi = +inf. Its
-// derivative is 1 strictly inside (lo, hi) and 0 elsewhere, as jax.nn.relu's
-// and jax.nn.relu6's. Sums are float32 within a chunk of rows and double
-// across chunks.
+// The activation of z = x * a + b is chosen by the `activation` attribute:
+// kClip is clip(z, lo, hi) (ReLU is lo = 0, hi = +inf; ReLU6 is lo = 0,
+// hi = 6; none is lo = -inf, hi = +inf), whose derivative is 1 strictly inside
+// (lo, hi) and 0 elsewhere, as jax.nn.relu's and jax.nn.relu6's; kHardSwish is
+// MobileNetV3's z * relu6(z + 3) / 6, whose derivative is 0 up to -3, 1 from
+// 3 and z / 3 + 1/2 between, as jax.nn.hard_swish's. Sums are float32 within
+// a chunk of rows and double across chunks.
 
 #include <algorithm>
 #include <cstdint>
@@ -98,6 +100,34 @@ void ColumnSums(ffi::ThreadPool& pool, int64_t rows, int64_t c, Term term,
   }
 }
 
+// The activations, as small structs the loops below are instantiated with
+// (a runtime switch inside the loops would stop GCC from vectorizing them).
+enum ActivationKind : int32_t { kClip = 0, kHardSwish = 1 };
+
+struct Clip {
+  float lo, hi;
+  float Apply(float z) const { return std::min(std::max(z, lo), hi); }
+  // d * activation'(z); d is loaded unconditionally so that the select vectorizes.
+  float Gate(float z, float d) const { return (z > lo) & (z < hi) ? d : 0.0f; }
+};
+
+struct HardSwish {
+  float Apply(float z) const { return z * std::min(std::max(z + 3.0f, 0.0f), 6.0f) * (1.0f / 6.0f); }
+  float Gate(float z, float d) const {
+    float slope = z * (1.0f / 3.0f) + 0.5f;
+    slope = z <= -3.0f ? 0.0f : slope;
+    return (z >= 3.0f ? 1.0f : slope) * d;
+  }
+};
+
+// Runs body(activation) with the activation the attributes name.
+template <typename Body>
+ffi::Error WithActivation(int32_t kind, float lo, float hi, Body body) {
+  if (kind == kClip) return body(Clip{lo, hi});
+  if (kind == kHardSwish) return body(HardSwish{});
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "unknown batch-norm activation kind");
+}
+
 // The loops proper, over a flat span of `len` values, with restrict-qualified
 // pointers so that GCC vectorizes them.
 void SumAndSquares(const float* __restrict x, int64_t len, float* __restrict s0,
@@ -108,31 +138,30 @@ void SumAndSquares(const float* __restrict x, int64_t len, float* __restrict s0,
   }
 }
 
+template <typename Activation>
 void GradientSums(const float* __restrict x, const float* __restrict dy, const float* __restrict a,
-                  const float* __restrict b, const float* __restrict mean, int64_t len, float lo,
-                  float hi, float* __restrict s0, float* __restrict s1) {
+                  const float* __restrict b, const float* __restrict mean, int64_t len,
+                  Activation act, float* __restrict s0, float* __restrict s1) {
   for (int64_t k = 0; k < len; ++k) {
-    float d = dy[k];  // Loaded unconditionally so that the select vectorizes.
-    float z = x[k] * a[k] + b[k];
-    float g = (z > lo) & (z < hi) ? d : 0.0f;
+    float g = act.Gate(x[k] * a[k] + b[k], dy[k]);
     s0[k] += g;
     s1[k] += g * (x[k] - mean[k]);
   }
 }
 
+template <typename Activation>
 void Normalize(const float* __restrict x, const float* __restrict a, const float* __restrict b,
-               int64_t len, float lo, float hi, float* __restrict y) {
-  for (int64_t k = 0; k < len; ++k) y[k] = std::min(std::max(x[k] * a[k] + b[k], lo), hi);
+               int64_t len, Activation act, float* __restrict y) {
+  for (int64_t k = 0; k < len; ++k) y[k] = act.Apply(x[k] * a[k] + b[k]);
 }
 
+template <typename Activation>
 void InputGradient(const float* __restrict x, const float* __restrict dy,
                    const float* __restrict a, const float* __restrict b,
-                   const float* __restrict k1, const float* __restrict k0, int64_t len, float lo,
-                   float hi, float* __restrict dx) {
+                   const float* __restrict k1, const float* __restrict k0, int64_t len,
+                   Activation act, float* __restrict dx) {
   for (int64_t k = 0; k < len; ++k) {
-    float d = dy[k];
-    float z = x[k] * a[k] + b[k];
-    float g = (z > lo) & (z < hi) ? d : 0.0f;
+    float g = act.Gate(x[k] * a[k] + b[k], dy[k]);
     dx[k] = a[k] * g + k1[k] * x[k] + k0[k];
   }
 }
@@ -156,16 +185,19 @@ ffi::Error StatsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 // y = clip(x * a + b, lo, hi).
 ffi::Error ApplyImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
-                     ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y, float lo, float hi) {
+                     ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y, int32_t activation,
+                     float lo, float hi) {
   int64_t c = Channels(x), rows = x.element_count() / c, per_span = RowsPerSpan(c);
   const std::vector<float> ta = Tiled(a.typed_data(), c, per_span),
                            tb = Tiled(b.typed_data(), c, per_span);
   const float* in = x.typed_data();
   float* out = y->typed_data();
-  ParallelSpans(pool, rows, per_span, [&](int64_t first, int64_t n) {
-    Normalize(in + first * c, ta.data(), tb.data(), n * c, lo, hi, out + first * c);
+  return WithActivation(activation, lo, hi, [&](auto act) {
+    ParallelSpans(pool, rows, per_span, [&](int64_t first, int64_t n) {
+      Normalize(in + first * c, ta.data(), tb.data(), n * c, act, out + first * c);
+    });
+    return ffi::Error::Success();
   });
-  return ffi::Error::Success();
 }
 
 // With g = dy where lo < x * a + b < hi (else 0): sum_g[C] = sum g and
@@ -174,17 +206,21 @@ ffi::Error BackwardSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> a,
                             ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> mean,
                             ffi::ResultBuffer<ffi::F32> sum_g, ffi::ResultBuffer<ffi::F32> sum_gx,
-                            float lo, float hi) {
+                            int32_t activation, float lo, float hi) {
   int64_t c = Channels(x), rows = x.element_count() / c, per_span = RowsPerSpan(c);
   const std::vector<float> ta = Tiled(a.typed_data(), c, per_span),
                            tb = Tiled(b.typed_data(), c, per_span),
                            tm = Tiled(mean.typed_data(), c, per_span);
   const float *in = x.typed_data(), *grad = dy.typed_data();
   std::vector<double> s_g, s_gx;
-  ColumnSums(pool, rows, c, [&](int64_t first, int64_t n, float* s0, float* s1) {
-    GradientSums(in + first * c, grad + first * c, ta.data(), tb.data(), tm.data(), n * c, lo,
-                 hi, s0, s1);
-  }, s_g, s_gx);
+  ffi::Error error = WithActivation(activation, lo, hi, [&](auto act) {
+    ColumnSums(pool, rows, c, [&](int64_t first, int64_t n, float* s0, float* s1) {
+      GradientSums(in + first * c, grad + first * c, ta.data(), tb.data(), tm.data(), n * c, act,
+                   s0, s1);
+    }, s_g, s_gx);
+    return ffi::Error::Success();
+  });
+  if (error.failure()) return error;
   for (int64_t k = 0; k < c; ++k) {
     sum_g->typed_data()[k] = static_cast<float>(s_g[k]);
     sum_gx->typed_data()[k] = static_cast<float>(s_gx[k]);
@@ -196,8 +232,8 @@ ffi::Error BackwardSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 ffi::Error BackwardInputImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> a,
                              ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> k1,
-                             ffi::Buffer<ffi::F32> k0, ffi::ResultBuffer<ffi::F32> dx, float lo,
-                             float hi) {
+                             ffi::Buffer<ffi::F32> k0, ffi::ResultBuffer<ffi::F32> dx,
+                             int32_t activation, float lo, float hi) {
   int64_t c = Channels(x), rows = x.element_count() / c, per_span = RowsPerSpan(c);
   const std::vector<float> ta = Tiled(a.typed_data(), c, per_span),
                            tb = Tiled(b.typed_data(), c, per_span),
@@ -205,11 +241,13 @@ ffi::Error BackwardInputImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            t0 = Tiled(k0.typed_data(), c, per_span);
   const float *in = x.typed_data(), *grad = dy.typed_data();
   float* out = dx->typed_data();
-  ParallelSpans(pool, rows, per_span, [&](int64_t first, int64_t n) {
-    InputGradient(in + first * c, grad + first * c, ta.data(), tb.data(), t1.data(), t0.data(),
-                  n * c, lo, hi, out + first * c);
+  return WithActivation(activation, lo, hi, [&](auto act) {
+    ParallelSpans(pool, rows, per_span, [&](int64_t first, int64_t n) {
+      InputGradient(in + first * c, grad + first * c, ta.data(), tb.data(), t1.data(), t0.data(),
+                    n * c, act, out + first * c);
+    });
+    return ffi::Error::Success();
   });
-  return ffi::Error::Success();
 }
 
 }  // namespace
@@ -228,6 +266,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchNormApply, ApplyImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("activation")
                                   .Attr<float>("lo")
                                   .Attr<float>("hi"));
 
@@ -241,6 +280,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchNormBackwardSums, BackwardSumsImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("activation")
                                   .Attr<float>("lo")
                                   .Attr<float>("hi"));
 
@@ -254,5 +294,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchNormBackwardInput, BackwardInputImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("activation")
                                   .Attr<float>("lo")
                                   .Attr<float>("hi"));

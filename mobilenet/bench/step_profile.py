@@ -1,0 +1,162 @@
+"""Where the real training step spends its time, by kind of layer, from a profile of the compiled step.
+
+benchmark.py times whole steps and layer_timing.py times layers one by one;
+this profiles the project's own jitted training step (the same one
+benchmark.py times) with `jax.profiler`, and gives each executed operation to
+the kind of layer whose Flax module emitted it, read from the compiled HLO's
+`op_name` metadata (e.g. `.../block_03/depthwise/...` or, in the backward
+pass, `transpose(jvp(MobileNet))/block_03/depthwise/...`):
+
+- 'depthwise', 'pointwise', 'standard' (the stem and other dense k x k
+  convolutions), 'dense' (classifier, pre-logits): the layers of
+  counting.layer_specs, forward and backward;
+- 'batch_norm_activation': every BatchNorm with its activation;
+- 'squeeze_excite': V3's pooling, two dense layers and the rescale;
+- 'residual_and_glue': what a block does outside its layers (residual adds);
+- 'loss_optimizer_other': the loss, the optimizer update and the rest.
+
+Operations run on up to as many threads as there are cores, so the summed
+operation time can exceed the wall time; shares are of the summed time. Each
+kind's arithmetic (counting.py's mult-adds, times 3 for forward + both
+backward products) over its time gives its GFLOP/s, to compare with what a
+large matrix product reaches on the same machine (`matmul_ceiling`).
+"""
+import collections
+import functools
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+import time
+from typing import Any, Dict, List
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mobilenet.bench import benchmark
+from mobilenet.models import counting
+
+KINDS = ('depthwise', 'pointwise', 'standard', 'dense', 'batch_norm_activation', 'squeeze_excite',
+         'residual_and_glue', 'loss_optimizer_other')
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name="([^"]*)"',
+                          re.MULTILINE)
+
+
+def _kind_of(op_name: str, layers: Dict[str, str], blocks: List[str]) -> str:
+  """The kind of layer an HLO operation belongs to, from its Flax module path."""
+  path = '/' + op_name + '/'
+  for name, kind in layers.items():  # Longest names first: 'block_03/se/squeeze' before 'block_03/se'.
+    if f'/{name}/' in path:
+      return 'squeeze_excite' if '/se/' in f'/{name}/' else kind
+  if re.search(r'/\w*bn/', path):
+    return 'batch_norm_activation'
+  if '/se/' in path:
+    return 'squeeze_excite'
+  if any(f'/{block}/' in path for block in blocks):
+    return 'residual_and_glue'
+  return 'loss_optimizer_other'
+
+
+def _operation_kinds(hlo_text: str, config: ml_collections.ConfigDict) -> Dict[str, str]:
+  """HLO instruction name -> kind of layer, for every instruction with an op_name."""
+  specs = counting.model_layer_specs(config)
+  layers = {spec.name: spec.kind for spec in sorted(specs, key=lambda s: -len(s.name))}
+  blocks = sorted({spec.name.split('/')[0] for spec in specs})
+  return {name: _kind_of(op_name, layers, blocks)
+          for name, op_name in _INSTRUCTION.findall(hlo_text)}
+
+
+def _traced_operation_times(run, steps: int) -> Dict[str, float]:
+  """Summed microseconds per traced event name over `steps` calls of `run`."""
+  with tempfile.TemporaryDirectory() as folder:
+    jax.profiler.start_trace(folder, create_perfetto_trace=True)
+    try:
+      for _ in range(steps):
+        run()
+    finally:
+      jax.profiler.stop_trace()
+    trace_file, = glob.glob(os.path.join(folder, '**', '*.trace.json.gz'), recursive=True)
+    with gzip.open(trace_file) as stream:
+      events = json.load(stream)['traceEvents']
+  totals = collections.Counter()
+  for event in events:
+    if event.get('ph') == 'X':
+      totals[event['name']] += float(event.get('dur', 0.0))
+  return totals
+
+
+def _flops_per_image(config: ml_collections.ConfigDict) -> Dict[str, float]:
+  """Training FLOPs per image by kind of layer: 2 per mult-add, forward and two backward products."""
+  flops = collections.Counter()
+  for spec in counting.model_layer_specs(config):
+    kind = 'squeeze_excite' if '/se/' in f'/{spec.name}/' else spec.kind
+    flops[kind] += 3 * 2 * spec.mult_adds
+  return flops
+
+
+def matmul_ceiling(size: int = 2048, steps: int = 5) -> float:
+  """GFLOP/s of a large float32 matrix product under XLA: what this machine's cores reach."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size), np.float32))
+  product = jax.jit(lambda x: x @ x)
+  seconds = benchmark.median_seconds(lambda: jax.block_until_ready(product(a)), 2, steps)
+  return 2 * size ** 3 / seconds / 1e9
+
+
+def profile_train_step(config: ml_collections.ConfigDict, *, warmup: int = 2,
+                       steps: int = 5) -> Dict[str, Any]:
+  """Profiles `steps` training steps of `config`'s model on synthetic batches.
+
+  Returns the step's wall time, and per kind of layer: its milliseconds per
+  step, share of the summed operation time, and GFLOP/s where it does arithmetic.
+  """
+  state, train_step, _ = benchmark._steps(config)  # pylint: disable=protected-access
+  batch = benchmark.synthetic_batch(config)
+  compiled = jax.jit(train_step, donate_argnums=(0,)).lower(state, batch).compile()
+  kinds = _operation_kinds(compiled.as_text(), config)
+
+  def run():
+    nonlocal state
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+
+  wall_s = benchmark.median_seconds(run, warmup, steps)
+  per_kind = collections.Counter()
+  for name, micros in _traced_operation_times(run, steps).items():
+    if name in kinds:
+      per_kind[kinds[name]] += micros / steps / 1e3
+  total_ms = sum(per_kind.values())
+  flops = _flops_per_image(config)
+  rows = []
+  for kind in KINDS:
+    ms = per_kind.get(kind, 0.0)
+    gflops = flops.get(kind, 0) * config.batch_size / (ms / 1e3) / 1e9 if ms and flops.get(kind) else None
+    rows.append({'kind': kind, 'ms_per_step': round(ms, 2),
+                 'share': round(ms / total_ms, 3) if total_ms else None,
+                 'gflop_s': None if gflops is None else round(gflops, 1)})
+  images_s = config.batch_size / wall_s
+  return {'architecture': config.model.name, 'width_multiplier': config.model.width_multiplier,
+          'resolution': config.model.resolution, 'batch_size': config.batch_size,
+          'step_ms': round(1e3 * wall_s, 2), 'train_img_s': round(images_s, 1),
+          'operations_ms': round(total_ms, 2),
+          'model_gflop_s': round(sum(flops.values()) * images_s / 1e9, 1), 'kinds': rows}
+
+
+def format_profile(profile: Dict[str, Any], ceiling_gflop_s: float = None) -> str:
+  """The profile as a text table, with the whole step's fraction of the ceiling when given."""
+  head = (f"{profile['architecture']} alpha {profile['width_multiplier']} at "
+          f"{profile['resolution']}, batch {profile['batch_size']}: step {profile['step_ms']} ms "
+          f"({profile['train_img_s']} img/s), operations {profile['operations_ms']} ms, "
+          f"model arithmetic {profile['model_gflop_s']} GFLOP/s")
+  if ceiling_gflop_s:
+    head += (f' = {profile["model_gflop_s"] / ceiling_gflop_s:.0%} of the {ceiling_gflop_s:.0f} '
+             'GFLOP/s matrix-product ceiling')
+  lines = [head, f"{'kind':<24}{'ms/step':>10}{'share':>8}{'GFLOP/s':>10}"]
+  for row in profile['kinds']:
+    share = '' if row['share'] is None else f"{row['share']:.1%}"
+    gflops = '' if row['gflop_s'] is None else f"{row['gflop_s']:.1f}"
+    lines.append(f"{row['kind']:<24}{row['ms_per_step']:>10.2f}{share:>8}{gflops:>10}")
+  return '\n'.join(lines)
