@@ -1,0 +1,52 @@
+"""The step profile gives every operation of the real training step to a kind of layer."""
+import os
+
+import pytest
+
+from mobilenet.bench import step_profile
+from mobilenet.training import config_base
+
+
+@pytest.mark.parametrize('op_name,kind', [
+    ('jit(train_step)/jvp(MobileNet)/block_03/depthwise/ffi_call', 'depthwise'),
+    ('jit(train_step)/transpose(jvp(MobileNet))/block_03/depthwise/ffi_call', 'depthwise'),
+    ('jit(train_step)/jvp(MobileNet)/block_03/expand/...c,cd->...d/dot_general', 'pointwise'),
+    ('jit(train_step)/transpose(jvp(MobileNet))/block_03/project/ffi_call', 'pointwise'),
+    ('jit(train_step)/jvp(MobileNet)/block_03/depthwise_bn/ffi_call', 'batch_norm_activation'),
+    ('jit(train_step)/jvp(MobileNet)/stem/bn/ffi_call', 'batch_norm_activation'),
+    ('jit(train_step)/jvp(MobileNet)/stem/conv/ffi_call', 'standard'),
+    ('jit(train_step)/jvp(MobileNet)/block_03/se/squeeze/dot_general', 'squeeze_excite'),
+    ('jit(train_step)/jvp(MobileNet)/block_03/se/mul', 'squeeze_excite'),
+    ('jit(train_step)/jvp(MobileNet)/block_03/add', 'residual_and_glue'),
+    ('jit(train_step)/jvp(MobileNet)/head/dot_general', 'dense'),
+    ('jit(train_step)/optax/mul', 'loss_optimizer_other'),
+])
+def test_operations_go_to_the_layer_kind_that_emitted_them(op_name, kind):
+  config = config_base.base_config()
+  config.model.name = 'mobilenet_v3_small'
+  config.model.resolution = 32
+  kinds = step_profile._operation_kinds(f'  %op.1 = f32[2]{{0}} add(%a, %b), '
+                                         f'metadata={{op_name="{op_name}" stack_frame_id=3}}',
+                                         config)
+  assert kinds == {'op.1': kind}
+
+
+@pytest.mark.slow
+def test_a_profiled_v3_step_has_time_in_every_kind_of_layer():
+  config = config_base.base_config()
+  config.model.name = 'mobilenet_v3_small'
+  config.model.width_multiplier = 0.25
+  config.model.resolution = 32
+  config.batch_size = 8
+  profile = step_profile.profile_train_step(config, warmup=1, steps=2)
+  by_kind = {row['kind']: row for row in profile['kinds']}
+  assert set(by_kind) == set(step_profile.KINDS)
+  for kind in ('depthwise', 'pointwise', 'standard', 'dense', 'batch_norm_activation',
+               'squeeze_excite', 'residual_and_glue', 'loss_optimizer_other'):
+    assert by_kind[kind]['ms_per_step'] > 0, kind
+  assert sum(row['share'] for row in profile['kinds']) == pytest.approx(1.0, abs=0.01)
+  assert by_kind['pointwise']['gflop_s'] > 0 and by_kind['batch_norm_activation']['gflop_s'] is None
+  # Operations can overlap on the cores but cannot take longer than the cores had.
+  assert 0 < profile['operations_ms'] < 1.5 * profile['step_ms'] * os.cpu_count()
+  table = step_profile.format_profile(profile, ceiling_gflop_s=100.0)
+  assert 'of the 100 GFLOP/s matrix-product ceiling' in table and 'squeeze_excite' in table
