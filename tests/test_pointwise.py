@@ -17,8 +17,11 @@ def reference(x, w, g):
 
 @pytest.mark.parametrize('implementation', pointwise.IMPLEMENTATIONS)
 @pytest.mark.parametrize('shape,features', [
-    ((2, 5, 7, 6), 16),     # One full register tile.
+    ((2, 5, 7, 6), 16),     # One full register tile (AVX2), one 16-wide vector (AVX-512).
     ((3, 4, 4, 13), 24),    # Partial tiles both ways.
+    ((4, 8, 8, 7), 88),     # A full AVX-512 tile (64), a 16-wide and an 8-wide remainder.
+    ((4, 8, 8, 32), 128),   # Full tiles only.
+    ((2, 2, 2, 64), 64),    # Few positions for the channels: XLA's dot.
     ((1, 2, 2, 3), 8),
     ((64, 16, 16, 8), 16),  # Many row blocks, split between threads.
     ((2, 3, 3, 5), 12),     # Not a multiple of 8: the kernel defers to XLA.
@@ -58,3 +61,14 @@ def test_auto_is_the_kernel_on_cpu_only():
   assert pointwise.resolve_implementation('auto', 'gpu') == 'xla'
   with pytest.raises(ValueError, match='unknown pointwise implementation'):
     pointwise.resolve_implementation('blas')
+
+
+@pytest.mark.parametrize('shape,features,on_kernel', [
+    ((4, 8, 8, 32), 128, True), ((2, 2, 2, 64), 64, False), ((4, 8, 8, 32), 12, False)])
+def test_the_kernel_takes_the_filter_gradient_where_it_is_faster(shape, features, on_kernel):
+  if not cpu_kernels.available():
+    pytest.skip(f'C++ kernels unavailable: {cpu_kernels.error()}')
+  x = jnp.ones(shape, jnp.float32)
+  w = jnp.ones((shape[-1], features), jnp.float32)
+  grad = jax.grad(lambda w: jnp.sum(pointwise.pointwise_conv(x, w, implementation='cpu_kernel')))
+  assert ('mobilenet_pointwise_filter_grad' in jax.jit(grad).lower(w).as_text()) == on_kernel

@@ -7,8 +7,12 @@ Two implementations of the same function, NHWC `inputs` and a (C, D) kernel
 - 'cpu_kernel': the same forward and input gradient, with the filter gradient
   (x^T dy over all N*H*W positions) on a C++ kernel (`pointwise_cpu.cc`).
   XLA:CPU runs that product as a plain dot on a transposed copy, at 1-5
-  GMAC/s for the early layers' few channels: it was 30% of the alpha-0.25
-  training step. Needs a multiple of 8 output channels; others run as 'xla'.
+  GMAC/s for the early layers' few channels on an AVX2 machine (30% of the
+  alpha-0.25 training step) and at half the kernel's rate on an AVX-512 one.
+  Needs a multiple of 8 output channels; others run as 'xla'. Where the
+  positions are few against the channels (the last layers: 512 positions
+  for a 1024 x 1024 gradient), the kernel's per-thread partial products cost
+  more than they save and XLA's dot is faster: there it defers to XLA too.
 
 """
 import jax
@@ -37,6 +41,8 @@ def _kernel_pointwise_fwd(x, w):
 def _kernel_pointwise_bwd(residuals, g):
   x, w = residuals
   dx = jnp.einsum('...d,cd->...c', g, w)
+  if x.size // x.shape[-1] < 2 * max(w.shape):  # Few positions (see the module docstring).
+    return dx, jnp.einsum('...c,...d->cd', x, g).astype(w.dtype)
   # x^T g sums over the batch: per-shard partial products, all-reduced (calls.py).
   dw, = calls.kernel_call('mobilenet_pointwise_filter_grad',
                           [jax.ShapeDtypeStruct(w.shape, jnp.float32)],

@@ -5,14 +5,18 @@
 // and few outputs (8 x 16 upward). XLA:CPU runs it as a plain dot on a
 // transposed copy of x, at 1-5 GMAC/s for MobileNet's early layers; removing
 // it from the training step cut the step by 30% (alpha 0.25). Here: blocks of
-// rows small enough for L2, and within a block register tiles of 6 input x 16
-// output channels (12 vector accumulators; one broadcast of x feeds two
-// multiply-adds). Rows are split between threads, each with a float32 partial
-// sum, added up in a fixed order (deterministic for a given thread count).
-// Output channels must be a multiple of 8 (pointwise.py checks).
+// rows small enough for L2, and within a block register tiles of 6 input
+// channels x the widest run of output channels the registers hold: 4 vectors
+// of 16 on AVX-512 (24 of its 32 registers accumulate; one broadcast of x
+// feeds four multiply-adds), 2 vectors of 8 on AVX2 (12 of 16); narrower
+// tiles take the remaining output channels. Rows are split between threads,
+// each with a float32 partial sum, added up in a fixed order (deterministic
+// for a given thread count). Output channels must be a multiple of 8
+// (pointwise.py checks).
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "cpu_loops.h"
@@ -24,50 +28,71 @@ namespace ffi = xla::ffi;
 namespace {
 
 using mobilenet::kLanes;
-using mobilenet::Load;
-using mobilenet::Store;
 using mobilenet::Vec8;
 
-constexpr int kTileRows = 6;     // Input channels per register tile.
-constexpr int kTileVectors = 2;  // Output vectors (of 8 channels) per register tile.
+// The widest vector this CPU has, and how many of them a tile row holds.
+#if defined(__AVX512F__)
+typedef float Wide __attribute__((vector_size(64)));
+constexpr int kWideTileVectors = 4;
+#else
+typedef Vec8 Wide;
+constexpr int kWideTileVectors = 2;
+#endif
+
+constexpr int kTileRows = 6;  // Input channels per register tile.
 constexpr int64_t kBlockBytes = 192 * 1024;  // x and dy rows per block, together.
 
-// dw[c0 .. c0 + kC, d0 .. d0 + 8 * kV) += x[rows, c0 ..]^T dy[rows, d0 ..].
-template <int kC, int kV>
+template <typename V>
+constexpr int64_t LanesOf() { return sizeof(V) / sizeof(float); }
+
+template <typename V>
+V LoadVector(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename V>
+void StoreVector(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
+
+// dw[c0 .. c0 + kC, d0 .. d0 + kV * lanes) += x[rows, c0 ..]^T dy[rows, d0 ..].
+template <typename V, int kC, int kV>
 void Tile(const float* x, const float* dy, int64_t rows, int64_t c, int64_t d, int64_t c0,
           int64_t d0, float* dw) {
-  Vec8 acc[kC][kV];
+  constexpr int64_t lanes = LanesOf<V>();
+  V acc[kC][kV];
   for (int i = 0; i < kC; ++i)
-    for (int v = 0; v < kV; ++v) acc[i][v] = Load(dw + (c0 + i) * d + d0 + v * kLanes);
+    for (int v = 0; v < kV; ++v) acc[i][v] = LoadVector<V>(dw + (c0 + i) * d + d0 + v * lanes);
   for (int64_t p = 0; p < rows; ++p) {
     const float* x_row = x + p * c + c0;
-    Vec8 g[kV];
-    for (int v = 0; v < kV; ++v) g[v] = Load(dy + p * d + d0 + v * kLanes);
+    V g[kV];
+    for (int v = 0; v < kV; ++v) g[v] = LoadVector<V>(dy + p * d + d0 + v * lanes);
     for (int i = 0; i < kC; ++i) {
       float value = x_row[i];
       for (int v = 0; v < kV; ++v) acc[i][v] += value * g[v];
     }
   }
   for (int i = 0; i < kC; ++i)
-    for (int v = 0; v < kV; ++v) Store(dw + (c0 + i) * d + d0 + v * kLanes, acc[i][v]);
+    for (int v = 0; v < kV; ++v) StoreVector(dw + (c0 + i) * d + d0 + v * lanes, acc[i][v]);
 }
 
-template <int kV>
+template <typename V, int kV>
 void TileRows(int rows_in_tile, const float* x, const float* dy, int64_t rows, int64_t c,
               int64_t d, int64_t c0, int64_t d0, float* dw) {
   switch (rows_in_tile) {
-    case 6: return Tile<6, kV>(x, dy, rows, c, d, c0, d0, dw);
-    case 5: return Tile<5, kV>(x, dy, rows, c, d, c0, d0, dw);
-    case 4: return Tile<4, kV>(x, dy, rows, c, d, c0, d0, dw);
-    case 3: return Tile<3, kV>(x, dy, rows, c, d, c0, d0, dw);
-    case 2: return Tile<2, kV>(x, dy, rows, c, d, c0, d0, dw);
-    default: return Tile<1, kV>(x, dy, rows, c, d, c0, d0, dw);
+    case 6: return Tile<V, 6, kV>(x, dy, rows, c, d, c0, d0, dw);
+    case 5: return Tile<V, 5, kV>(x, dy, rows, c, d, c0, d0, dw);
+    case 4: return Tile<V, 4, kV>(x, dy, rows, c, d, c0, d0, dw);
+    case 3: return Tile<V, 3, kV>(x, dy, rows, c, d, c0, d0, dw);
+    case 2: return Tile<V, 2, kV>(x, dy, rows, c, d, c0, d0, dw);
+    default: return Tile<V, 1, kV>(x, dy, rows, c, d, c0, d0, dw);
   }
 }
 
 // dw (c x d) += x[rows]^T dy[rows], one L2-sized block of rows at a time.
 void AddProduct(const float* x, const float* dy, int64_t rows, int64_t c, int64_t d, float* dw) {
   const int64_t block = std::max<int64_t>(8, kBlockBytes / (4 * (c + d)));
+  constexpr int64_t wide = LanesOf<Wide>();
   for (int64_t first = 0; first < rows; first += block) {
     const int64_t n = std::min(block, rows - first);
     const float* xb = x + first * c;
@@ -75,10 +100,11 @@ void AddProduct(const float* x, const float* dy, int64_t rows, int64_t c, int64_
     for (int64_t c0 = 0; c0 < c; c0 += kTileRows) {
       const int tile_rows = static_cast<int>(std::min<int64_t>(kTileRows, c - c0));
       int64_t d0 = 0;
-      for (; d0 + kTileVectors * kLanes <= d; d0 += kTileVectors * kLanes) {
-        TileRows<kTileVectors>(tile_rows, xb, gb, n, c, d, c0, d0, dw);
+      for (; d0 + kWideTileVectors * wide <= d; d0 += kWideTileVectors * wide) {
+        TileRows<Wide, kWideTileVectors>(tile_rows, xb, gb, n, c, d, c0, d0, dw);
       }
-      if (d0 < d) TileRows<1>(tile_rows, xb, gb, n, c, d, c0, d0, dw);
+      for (; d0 + wide <= d; d0 += wide) TileRows<Wide, 1>(tile_rows, xb, gb, n, c, d, c0, d0, dw);
+      for (; d0 < d; d0 += kLanes) TileRows<Vec8, 1>(tile_rows, xb, gb, n, c, d, c0, d0, dw);
     }
   }
 }
