@@ -68,13 +68,20 @@ CASES = [
     (8, 2, 1, (2, 2), 'VALID', 3),
     (9, 2, 1, (2, 2), 'SAME', 5),  # Larger kernel: three phases per axis.
     (6, 2, 1, (1, 2), ((2, 0), (1, 1)), 3),  # Explicit, asymmetric padding.
-    # Multiples of 8 channels with a 3x3 filter take the C++ kernel's vectorized loops.
+    # Multiples of 8 channels with a 3x3 or 5x5 filter take the C++ kernel's vectorized loops.
     (8, 8, 1, (1, 1), 'SAME', 3),
     (7, 16, 1, (2, 2), 'SAME', 3),
     (9, 8, 2, (2, 1), 'VALID', 3),
     (6, 8, 1, (1, 2), ((2, 0), (1, 1)), 3),
     (5, 8, 1, (1, 1), ((3, 1), (0, 2)), 3),  # Padding beyond the filter: general input gradient.
     (1, 8, 1, (1, 1), 'SAME', 3),  # Narrower than the filter: no interior columns.
+    # ... and with a 5x5 filter (MobileNetV3).
+    (9, 8, 1, (1, 1), 'SAME', 5),
+    (9, 16, 1, (2, 2), 'SAME', 5),
+    (8, 8, 1, (2, 1), 'VALID', 5),
+    (7, 8, 1, (1, 2), ((4, 0), (1, 3)), 5),
+    (7, 8, 1, (1, 1), ((5, 1), (0, 2)), 5),  # Padding beyond the filter: general input gradient.
+    (3, 8, 1, (1, 1), 'SAME', 5),  # Narrower than the filter: no interior columns.
 ]
 
 

@@ -9,10 +9,11 @@
 // split into chunks on XLA's thread pool; each chunk owns whole images, so no
 // writes race.
 //
-// MobileNet's case, a 3x3 filter over a multiple of 8 channels, has loops of
-// its own: 8 channels at a time in one AVX register, the 9 taps held in
-// registers, each output written once, padding handled by a zero row and by
-// bounds checks on the border columns only. The general loops below run a
+// MobileNet's cases, a 3x3 or (V3) 5x5 filter over a multiple of 8 channels,
+// have loops of their own, written once for a compile-time filter size K: 8
+// channels at a time in one AVX register, the K*K taps held in registers,
+// each output written once, padding handled by a zero row and by bounds
+// checks on the border columns only. The general loops below run a
 // runtime-length channel loop per tap, whose overhead dominated at 8-32
 // channels (4.2 ms vs 0.6 ms for the 32x32x8 layer at batch 128).
 
@@ -47,21 +48,37 @@ using mobilenet::Load;
 using mobilenet::Store;
 using mobilenet::Vec8;
 
-// Whether the vectorized 3x3 loops apply.
-bool Vectorized3x3(const Geometry& g) {
-  return g.kh == 3 && g.kw == 3 && g.c % kLanes == 0 && g.pt >= 0 && g.pl >= 0;
+// Whether the vectorized loops can run: a square 3x3 or 5x5 filter, a multiple of 8 channels.
+bool VectorizedShape(const Geometry& g) {
+  return g.kh == g.kw && (g.kh == 3 || g.kh == 5) && g.c % kLanes == 0 && g.pt >= 0 && g.pl >= 0;
 }
 
-// The output columns [first, last) whose three input columns j * stride - pad
-// + {0, 1, 2} all lie inside [0, width): no bounds checks needed there.
+// Calls body(std::integral_constant<int, K>) for the filter size K of a vectorized geometry.
+template <typename Body>
+void WithFilterSize(const Geometry& g, Body body) {
+  if (g.kh == 3) return body(std::integral_constant<int, 3>());
+  return body(std::integral_constant<int, 5>());
+}
+
+// The output columns [first, last) whose K input columns j * stride - pad
+// + {0 .. K-1} all lie inside [0, width): no bounds checks needed there.
 struct Columns {
   int64_t first, last;
 };
 
-Columns InteriorColumns(int64_t width, int64_t out_width, int64_t stride, int64_t pad) {
+Columns InteriorColumns(int64_t width, int64_t out_width, int64_t stride, int64_t pad, int64_t k) {
   int64_t first = std::min((pad + stride - 1) / stride, out_width);
-  int64_t last = width - 3 + pad >= 0 ? (width - 3 + pad) / stride + 1 : 0;
+  int64_t last = width - k + pad >= 0 ? (width - k + pad) / stride + 1 : 0;
   return {first, std::clamp(last, first, out_width)};
+}
+
+// Whether the vectorized loops apply and pay: a 5x5 filter over maps no wider than it (V3's last
+// blocks, 2x2 to 4x4 at 32x32 inputs) leaves no interior column, and there the bounds-checked
+// loops over 25 taps took twice as long as the general loops.
+bool Vectorized(const Geometry& g) {
+  if (!VectorizedShape(g)) return false;
+  Columns interior = InteriorColumns(g.w, g.ow, g.sw, g.pl, g.kw);
+  return g.kh == 3 || interior.last > interior.first;
 }
 
 // Calls column(j, checked) for j in [0, out_width), checked = false on the interior.
@@ -72,53 +89,56 @@ void ForColumns(const Columns& interior, int64_t out_width, Column column) {
   for (int64_t j = interior.last; j < out_width; ++j) column(j, std::true_type());
 }
 
-// Row pointers for output row i: the three input rows it reads (a row of
-// zeros where the window hangs over the top or bottom edge).
+// Row pointers for output row i: the K input rows it reads (a row of zeros
+// where the window hangs over the top or bottom edge).
+template <int K>
 void InputRows(const Geometry& g, const float* image, const float* zeros, int64_t i,
-               const float* rows[3]) {
-  for (int64_t a = 0; a < 3; ++a) {
+               const float* rows[K]) {
+  for (int64_t a = 0; a < K; ++a) {
     int64_t r = i * g.sh + a - g.pt;
     rows[a] = (r < 0 || r >= g.h) ? zeros : image + r * g.w * g.c;
   }
 }
 
-// One image of the 3x3 forward (channels a multiple of 8); epilogue(acc, cb)
+// One image of the K x K forward (channels a multiple of 8); epilogue(acc, cb)
 // maps each output vector (channels cb .. cb + 7) before it is stored. One
-// accumulator per filter row: three short chains of multiply-adds rather than
-// one of nine, whose latency would bound the loop.
-template <typename Epilogue>
-void Forward3x3Image(const Geometry& g, const Columns& interior, const float* image,
-                     const float* zeros, const float* f, float* out_image, Epilogue epilogue) {
+// accumulator per filter row: K short chains of multiply-adds rather than
+// one of K*K, whose latency would bound the loop.
+template <int K, typename Epilogue>
+void ForwardImage(const Geometry& g, const Columns& interior, const float* image,
+                  const float* zeros, const float* f, float* out_image, Epilogue epilogue) {
   for (int64_t i = 0; i < g.oh; ++i) {
-    const float* rows[3];
-    InputRows(g, image, zeros, i, rows);
+    const float* rows[K];
+    InputRows<K>(g, image, zeros, i, rows);
     float* out = out_image + i * g.ow * g.c;
     for (int64_t cb = 0; cb < g.c; cb += kLanes) {
-      Vec8 taps[9];
-      for (int k = 0; k < 9; ++k) taps[k] = Load(f + k * g.c + cb);
+      Vec8 taps[K * K];
+      for (int k = 0; k < K * K; ++k) taps[k] = Load(f + k * g.c + cb);
       ForColumns(interior, g.ow, [&](int64_t j, auto checked) {
         int64_t q0 = j * g.sw - g.pl;
-        Vec8 acc[3] = {};
-        for (int a = 0; a < 3; ++a) {
-          for (int b = 0; b < 3; ++b) {
+        Vec8 acc[K] = {};
+        for (int a = 0; a < K; ++a) {
+          for (int b = 0; b < K; ++b) {
             if (checked && (q0 + b < 0 || q0 + b >= g.w)) continue;
-            acc[a] += Load(rows[a] + (q0 + b) * g.c + cb) * taps[a * 3 + b];
+            acc[a] += Load(rows[a] + (q0 + b) * g.c + cb) * taps[a * K + b];
           }
         }
-        Store(out + j * g.c + cb, epilogue(acc[0] + acc[1] + acc[2], cb));
+        for (int a = 1; a < K; ++a) acc[0] += acc[a];
+        Store(out + j * g.c + cb, epilogue(acc[0], cb));
       });
     }
   }
 }
 
-// Forward, 3x3 filter, channels a multiple of 8.
-void Forward3x3(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* f,
-                float* y) {
+// Forward, K x K filter, channels a multiple of 8.
+template <int K>
+void ForwardVectorized(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* f,
+                       float* y) {
   const std::vector<float> zeros(g.w * g.c, 0.0f);
-  const Columns interior = InteriorColumns(g.w, g.ow, g.sw, g.pl);
+  const Columns interior = InteriorColumns(g.w, g.ow, g.sw, g.pl, K);
   ForImages(pool, g.n, mobilenet::NumChunks(pool, g.n), [&](int64_t lo, int64_t hi, int64_t) {
     for (int64_t n = lo; n < hi; ++n) {
-      Forward3x3Image(g, interior, x + n * g.h * g.w * g.c, zeros.data(), f,
+      ForwardImage<K>(g, interior, x + n * g.h * g.w * g.c, zeros.data(), f,
                       y + n * g.oh * g.ow * g.c, [](Vec8 acc, int64_t) { return acc; });
     }
   });
@@ -139,7 +159,7 @@ struct Affine {
 void InferenceForward3x3(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* f,
                          const Affine& in, const Affine& out, float* y) {
   const std::vector<float> zeros(g.w * g.c, 0.0f);
-  const Columns interior = InteriorColumns(g.w, g.ow, g.sw, g.pl);
+  const Columns interior = InteriorColumns(g.w, g.ow, g.sw, g.pl, 3);
   const Vec8 in_lo = in.lo - Vec8{}, in_hi = in.hi - Vec8{};
   const Vec8 out_lo = out.lo - Vec8{}, out_hi = out.hi - Vec8{};
   ForImages(pool, g.n, mobilenet::NumChunks(pool, g.n), [&](int64_t lo, int64_t hi, int64_t) {
@@ -152,7 +172,7 @@ void InferenceForward3x3(ffi::ThreadPool& pool, const Geometry& g, const float* 
           Store(activated.data() + p * g.c + cb, mobilenet::Clip(v, in_lo, in_hi));
         }
       }
-      Forward3x3Image(g, interior, activated.data(), zeros.data(), f, y + n * g.oh * g.ow * g.c,
+      ForwardImage<3>(g, interior, activated.data(), zeros.data(), f, y + n * g.oh * g.ow * g.c,
                       [&](Vec8 acc, int64_t cb) {
                         Vec8 v = acc * Load(out.scale + cb) + Load(out.bias + cb);
                         return mobilenet::Clip(v, out_lo, out_hi);
@@ -161,50 +181,59 @@ void InferenceForward3x3(ffi::ThreadPool& pool, const Geometry& g, const float* 
   });
 }
 
-// Input gradient at stride 1, 3x3: the forward correlation of dy with the
-// filter flipped in both axes and the padding mirrored (2 - pad).
-bool InputGradAsForward3x3(const Geometry& g) {
-  return Vectorized3x3(g) && g.sh == 1 && g.sw == 1 && g.pt <= 2 && g.pl <= 2;
+// Input gradient at stride 1, K x K: the forward correlation of dy with the
+// filter flipped in both axes and the padding mirrored (K - 1 - pad).
+bool InputGradAsForward(const Geometry& g) {
+  if (!VectorizedShape(g) || g.sh != 1 || g.sw != 1 || g.pt > g.kh - 1 || g.pl > g.kw - 1) {
+    return false;
+  }
+  return Vectorized(Geometry{g.n, g.oh, g.ow, g.c, g.kh, g.kw, g.h, g.w, 1, 1, g.kh - 1 - g.pt,
+                             g.kw - 1 - g.pl});
 }
 
-void InputGrad3x3(ffi::ThreadPool& pool, const Geometry& g, const float* dy, const float* f,
-                  float* dx) {
-  std::vector<float> flipped(9 * g.c);
-  for (int64_t k = 0; k < 9; ++k) std::copy(f + (8 - k) * g.c, f + (9 - k) * g.c, flipped.data() + k * g.c);
-  Geometry transposed{g.n, g.oh, g.ow, g.c, 3, 3, g.h, g.w, 1, 1, 2 - g.pt, 2 - g.pl};
-  Forward3x3(pool, transposed, dy, flipped.data(), dx);
+template <int K>
+void InputGradVectorized(ffi::ThreadPool& pool, const Geometry& g, const float* dy, const float* f,
+                         float* dx) {
+  constexpr int64_t kTaps = K * K;
+  std::vector<float> flipped(kTaps * g.c);
+  for (int64_t k = 0; k < kTaps; ++k) {
+    std::copy(f + (kTaps - 1 - k) * g.c, f + (kTaps - k) * g.c, flipped.data() + k * g.c);
+  }
+  Geometry transposed{g.n, g.oh, g.ow, g.c, K, K, g.h, g.w, 1, 1, K - 1 - g.pt, K - 1 - g.pl};
+  ForwardVectorized<K>(pool, transposed, dy, flipped.data(), dx);
 }
 
-// Filter gradient, 3x3, channels a multiple of 8: nine vector accumulators
+// Filter gradient, K x K, channels a multiple of 8: K*K vector accumulators
 // per channel block and image, in float32 per image, double across images.
-void FilterGrad3x3(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* dy,
-                   float* df) {
-  const int64_t taps = 9 * g.c;
+template <int K>
+void FilterGradVectorized(ffi::ThreadPool& pool, const Geometry& g, const float* x,
+                          const float* dy, float* df) {
+  const int64_t taps = K * K * g.c;
   const int64_t chunks = mobilenet::NumChunks(pool, g.n);
   const std::vector<float> zeros(g.w * g.c, 0.0f);
-  const Columns interior = InteriorColumns(g.w, g.ow, g.sw, g.pl);
+  const Columns interior = InteriorColumns(g.w, g.ow, g.sw, g.pl, K);
   std::vector<double> totals(chunks * taps, 0.0);
   ForImages(pool, g.n, chunks, [&](int64_t lo, int64_t hi, int64_t t) {
     double* total = totals.data() + t * taps;
     for (int64_t n = lo; n < hi; ++n) {
       for (int64_t cb = 0; cb < g.c; cb += kLanes) {
-        Vec8 acc[9] = {};
+        Vec8 acc[K * K] = {};
         for (int64_t i = 0; i < g.oh; ++i) {
-          const float* rows[3];
-          InputRows(g, x + n * g.h * g.w * g.c, zeros.data(), i, rows);
+          const float* rows[K];
+          InputRows<K>(g, x + n * g.h * g.w * g.c, zeros.data(), i, rows);
           const float* grad = dy + (n * g.oh + i) * g.ow * g.c + cb;
           ForColumns(interior, g.ow, [&](int64_t j, auto checked) {
             int64_t q0 = j * g.sw - g.pl;
             Vec8 d = Load(grad + j * g.c);
-            for (int a = 0; a < 3; ++a) {
-              for (int b = 0; b < 3; ++b) {
+            for (int a = 0; a < K; ++a) {
+              for (int b = 0; b < K; ++b) {
                 if (checked && (q0 + b < 0 || q0 + b >= g.w)) continue;
-                acc[a * 3 + b] += Load(rows[a] + (q0 + b) * g.c + cb) * d;
+                acc[a * K + b] += Load(rows[a] + (q0 + b) * g.c + cb) * d;
               }
             }
           });
         }
-        for (int k = 0; k < 9; ++k) {
+        for (int k = 0; k < K * K; ++k) {
           for (int64_t lane = 0; lane < kLanes; ++lane) total[k * g.c + cb + lane] += acc[k][lane];
         }
       }
@@ -215,7 +244,9 @@ void FilterGrad3x3(ffi::ThreadPool& pool, const Geometry& g, const float* x, con
 
 // y[n,i,j,c] = sum_{a,b} x[n, i*sh+a-pt, j*sw+b-pl, c] * f[a,b,c]  (zero outside x).
 void Forward(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* f, float* y) {
-  if (Vectorized3x3(g)) return Forward3x3(pool, g, x, f, y);
+  if (Vectorized(g)) {
+    return WithFilterSize(g, [&](auto k) { ForwardVectorized<decltype(k)::value>(pool, g, x, f, y); });
+  }
   ForImages(pool, g.n, mobilenet::NumChunks(pool, g.n), [&](int64_t lo, int64_t hi, int64_t) {
     for (int64_t n = lo; n < hi; ++n) {
       for (int64_t i = 0; i < g.oh; ++i) {
@@ -242,7 +273,9 @@ void Forward(ffi::ThreadPool& pool, const Geometry& g, const float* x, const flo
 // dx[n,r,q,c] = sum over the (i,j,a,b) that read (r,q) of dy[n,i,j,c] * f[a,b,c].
 void InputGrad(ffi::ThreadPool& pool, const Geometry& g, const float* dy, const float* f,
                float* dx) {
-  if (InputGradAsForward3x3(g)) return InputGrad3x3(pool, g, dy, f, dx);
+  if (InputGradAsForward(g)) {
+    return WithFilterSize(g, [&](auto k) { InputGradVectorized<decltype(k)::value>(pool, g, dy, f, dx); });
+  }
   ForImages(pool, g.n, mobilenet::NumChunks(pool, g.n), [&](int64_t lo, int64_t hi, int64_t) {
     std::memset(dx + lo * g.h * g.w * g.c, 0, sizeof(float) * (hi - lo) * g.h * g.w * g.c);
     for (int64_t n = lo; n < hi; ++n) {
@@ -271,7 +304,9 @@ void InputGrad(ffi::ThreadPool& pool, const Geometry& g, const float* dy, const 
 // images, so long batches do not lose precision.
 void FilterGrad(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* dy,
                 float* df) {
-  if (Vectorized3x3(g)) return FilterGrad3x3(pool, g, x, dy, df);
+  if (Vectorized(g)) {
+    return WithFilterSize(g, [&](auto k) { FilterGradVectorized<decltype(k)::value>(pool, g, x, dy, df); });
+  }
   int64_t taps = g.kh * g.kw * g.c;
   int64_t chunks = mobilenet::NumChunks(pool, g.n);
   std::vector<double> totals(chunks * taps, 0.0);
@@ -323,7 +358,7 @@ ffi::Error InferenceForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                 int64_t sh, int64_t sw, int64_t pt, int64_t pl, float in_lo,
                                 float in_hi, float out_lo, float out_hi) {
   Geometry g = MakeGeometry(x.dimensions(), f.dimensions(), y->dimensions(), sh, sw, pt, pl);
-  if (!Vectorized3x3(g)) {
+  if (!VectorizedShape(g) || g.kh != 3) {
     return ffi::Error::InvalidArgument("needs a 3x3 filter over a multiple of 8 channels");
   }
   InferenceForward3x3(pool, g, x.typed_data(), f.typed_data(),
