@@ -116,6 +116,8 @@ def _activation_affine(x, a, b, kernel_activation):
   kind, lo, hi = kernel_activation
   z = x * a + b
   return jax.nn.hard_swish(z) if kind == 1 else jnp.clip(z, lo, hi)
+
+
 IMPLEMENTATIONS = select.IMPLEMENTATIONS['batch_norm']
 
 
@@ -195,13 +197,13 @@ def _kernel_train_bwd(epsilon, kernel_activation, residuals, cotangents):
   count = x.size // x.shape[-1]
   a, b = _coefficients(mean, inv_std, scale, bias)
   channels = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
-  bounds = _kernel_attributes(kernel_activation)
-  sum_g, sum_gx = _kernel('backward_sums', (channels, channels), x, dy, a, b, mean, **bounds)
+  attributes = _kernel_attributes(kernel_activation)
+  sum_g, sum_gx = _kernel('backward_sums', (channels, channels), x, dy, a, b, mean, **attributes)
   # dx = a * (g - sum_g / count - normalized * d_scale / count) = a * g + k1 * x + k0.
   k1 = -a * jnp.square(inv_std) * sum_gx / count
   k0 = -a * sum_g / count - k1 * mean
   dx = _kernel('backward_input', jax.ShapeDtypeStruct(x.shape, jnp.float32), x, dy, a, b, k1, k0,
-               **bounds)
+               **attributes)
   return dx, sum_gx * inv_std, sum_g
 
 

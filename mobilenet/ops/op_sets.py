@@ -19,7 +19,7 @@ flax's ResNet example passes `conv` and `norm`:
   same seed) and the same function, computed per layer kind by the
   implementation ops/select.py measured fastest on the backend: on the CPU the
   C++ kernels for depthwise, pointwise filter gradients, the dense stem and
-  BatchNorm + ReLU/ReLU6; on GPU and TPU XLA's convolutions and a BatchNorm with
+  BatchNorm + ReLU/ReLU6/hard-swish; on GPU and TPU XLA's convolutions and a BatchNorm with
   a hand-written VJP. tests/test_op_sets.py checks that every architecture
   computes the same logits and gradients with both.
 
