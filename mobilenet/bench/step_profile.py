@@ -22,14 +22,12 @@ backward products) over its time gives its GFLOP/s, to compare with what a
 large matrix product reaches on the same machine (`matmul_ceiling`).
 """
 import collections
-import functools
 import glob
 import gzip
 import json
 import os
 import re
 import tempfile
-import time
 from typing import Any, Dict, List
 
 import jax
@@ -46,12 +44,17 @@ _INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{[^}]*op
                           re.MULTILINE)
 
 
+def _layer_kind(spec: counting.LayerSpec) -> str:
+  """The profile's kind of a counted layer: its own kind, except SE's dense layers."""
+  return 'squeeze_excite' if '/se/' in f'/{spec.name}/' else spec.kind
+
+
 def _kind_of(op_name: str, layers: Dict[str, str], blocks: List[str]) -> str:
   """The kind of layer an HLO operation belongs to, from its Flax module path."""
   path = '/' + op_name + '/'
   for name, kind in layers.items():  # Longest names first: 'block_03/se/squeeze' before 'block_03/se'.
     if f'/{name}/' in path:
-      return 'squeeze_excite' if '/se/' in f'/{name}/' else kind
+      return kind
   if re.search(r'/\w*bn/', path):
     return 'batch_norm_activation'
   if '/se/' in path:
@@ -64,7 +67,7 @@ def _kind_of(op_name: str, layers: Dict[str, str], blocks: List[str]) -> str:
 def _operation_kinds(hlo_text: str, config: ml_collections.ConfigDict) -> Dict[str, str]:
   """HLO instruction name -> kind of layer, for every instruction with an op_name."""
   specs = counting.model_layer_specs(config)
-  layers = {spec.name: spec.kind for spec in sorted(specs, key=lambda s: -len(s.name))}
+  layers = {spec.name: _layer_kind(spec) for spec in sorted(specs, key=lambda s: -len(s.name))}
   blocks = sorted({spec.name.split('/')[0] for spec in specs})
   return {name: _kind_of(op_name, layers, blocks)
           for name, op_name in _INSTRUCTION.findall(hlo_text)}
@@ -93,8 +96,7 @@ def _flops_per_image(config: ml_collections.ConfigDict) -> Dict[str, float]:
   """Training FLOPs per image by kind of layer: 2 per mult-add, forward and two backward products."""
   flops = collections.Counter()
   for spec in counting.model_layer_specs(config):
-    kind = 'squeeze_excite' if '/se/' in f'/{spec.name}/' else spec.kind
-    flops[kind] += 3 * 2 * spec.mult_adds
+    flops[_layer_kind(spec)] += 3 * 2 * spec.mult_adds
   return flops
 
 
