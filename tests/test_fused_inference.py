@@ -6,7 +6,7 @@ import pytest
 
 from mobilenet.models import architectures, fused_inference
 from mobilenet.models.mobilenet import MobileNet
-from mobilenet.ops import depthwise
+from mobilenet.ops import batch_norm, depthwise
 from mobilenet.ops.cpu import kernels as cpu_kernels
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason='needs a C++ compiler')
@@ -54,29 +54,62 @@ def test_fused_inference_matches_layer_by_layer(form, resolution, alpha, activat
     np.testing.assert_allclose(have, want, rtol=2e-4, atol=2e-4)
 
 
-def test_fused_depthwise_matches_its_definition():
+@pytest.mark.parametrize('size,channels,activations', [
+    (3, 16, (jax.nn.relu6, jax.nn.relu6)),  # MobileNetV1 (Keras), V2.
+    (3, 24, (jax.nn.hard_swish, jax.nn.relu)),  # A V3 block after a hard-swish one... and back.
+    (5, 8, (jax.nn.relu, jax.nn.hard_swish)),  # V3's 5x5 layers.
+    (5, 16, (batch_norm.identity, jax.nn.hard_swish)),  # After a materialized input.
+])
+def test_fused_depthwise_matches_its_definition(size, channels, activations):
   rng = np.random.default_rng(3)
-  x = jnp.asarray(rng.normal(size=(2, 9, 8, 16)), jnp.float32)
-  kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 16)), jnp.float32)
-  a, b, a2, b2 = (jnp.asarray(rng.normal(size=16), jnp.float32) for _ in range(4))
+  x = jnp.asarray(rng.normal(size=(2, 9, 8, channels)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(size, size, 1, channels)), jnp.float32)
+  a, b, a2, b2 = (jnp.asarray(rng.normal(size=channels), jnp.float32) for _ in range(4))
+  before, after = activations
   for strides in ((1, 1), (2, 2)):
-    want = jnp.clip(depthwise.depthwise_conv(jnp.clip(x * a + b, 0.0, 6.0), kernel,
-                                             strides=strides, implementation='xla') * a2 + b2,
-                    0.0, 6.0)
+    want = after(depthwise.depthwise_conv(before(x * a + b), kernel, strides=strides,
+                                          implementation='xla') * a2 + b2)
     have = depthwise.depthwise_conv_inference(x, kernel, input_affine=(a, b),
-                                              output_affine=(a2, b2), bounds=(0.0, 6.0),
-                                              strides=strides)
+                                              output_affine=(a2, b2), input_activation=before,
+                                              output_activation=after, strides=strides)
+    assert np.std(want) > 0.1
     np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5)
+  if cpu_kernels.available():  # The one-pass kernel, not the XLA steps, computed it.
+    hlo = jax.jit(lambda x: depthwise.depthwise_conv_inference(
+        x, kernel, input_affine=(a, b), output_affine=(a2, b2), input_activation=before,
+        output_activation=after)).lower(x).as_text()
+    assert 'mobilenet_depthwise_inference' in hlo
+
+
+@needs_kernels
+@pytest.mark.parametrize('name,alpha', [
+    ('mobilenet_v2', 0.35),  # Expansions, residuals, ReLU6, the last 1x1 convolution.
+    ('mobilenet_v3_small', 0.5),  # SE, hard-swish, 5x5, pre-logits.
+    pytest.param('mobilenet_v3_large', 0.5, marks=pytest.mark.slow),  # A residual first block.
+    pytest.param('mobilenet_v3_large_minimalistic', 0.5, marks=pytest.mark.slow),
+])
+def test_fused_inference_matches_layer_by_layer_for_the_family(name, alpha):
+  images = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+  model = MobileNet(plan=architectures.plan(name, width_multiplier=alpha, form='cifar'),
+                    num_classes=5)
+  fused = fused_inference.inference_fn(model)
+  assert fused is not None
+  variables = trained_looking_variables(model, images)
+  want = jax.jit(model.clone(ops='plain').apply)(variables, images)
+  have = jax.jit(fused)(variables, images)
+  assert np.std(want) > 0.1
+  np.testing.assert_allclose(have, want, rtol=2e-4, atol=2e-4)
 
 
 @needs_kernels
 def test_only_what_it_computes_is_fused():
   base = v1()
   assert fused_inference.unsupported_reason(base) is None
+  for name in architectures.NAMES:
+    assert fused_inference.unsupported_reason(MobileNet(plan=architectures.plan(name))) is None
   refused = [base.clone(dtype=jnp.bfloat16), base.clone(ops='plain'),
              base.clone(depthwise_implementation='xla'),
              v1().clone(plan=architectures.plan('mobilenet_v1', conv_type='standard'))]
-  refused += [MobileNet(plan=architectures.plan(name)) for name in architectures.NAMES[1:]]
   for model in refused:
     assert fused_inference.inference_fn(model) is None
     apply_fn, path = fused_inference.eval_apply(model, fused=True)

@@ -205,7 +205,8 @@ def test_fused_depthwise_inference_per_example_gradients(strides):
 
   def loss(params, x):
     y = depthwise.depthwise_conv_inference(x, params['kernel'], input_affine=params['in'],
-                                           output_affine=params['out'], bounds=(0.0, 6.0),
+                                           output_affine=params['out'], input_activation=jax.nn.relu6,
+                                           output_activation=jax.nn.relu6,
                                            strides=strides)
     return jnp.sum(jnp.sin(y))
 

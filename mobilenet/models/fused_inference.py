@@ -1,51 +1,60 @@
-"""An explicit inference transformation: MobileNetV1 with its BatchNorms fused into the depthwise kernel.
+"""An explicit inference transformation: the MobileNet family with its BatchNorms fused into the depthwise kernel.
 
-In inference mode BatchNorm + activation is a per-channel affine map and a
-clip, clip(x * a + b, lo, hi). In a plan made of a conv stem and
-depthwise-separable blocks (MobileNetV1) every one of them sits next to a
-depthwise layer: the stem's and each pointwise layer's right before the next
-depthwise layer, each depthwise layer's own right after it. The C++ depthwise
-kernel applies the first as it reads its input and the second as it writes
-its output (`depthwise.depthwise_conv_inference`), so of the 27 BatchNorm
-passes over memory of the layer-by-layer network only the last remains,
-fused by XLA with the global average pool. (Folding `a` into the kernels
-instead would cost a pass over every weight per step.)
+In inference mode BatchNorm + activation is a per-channel affine map and an
+activation, act(x * a + b). In every architecture of the family most of them
+sit next to a depthwise layer: the stem's, a V1 pointwise layer's or a V2/V3
+expansion's right before the next depthwise layer, each depthwise layer's own
+right after it. The C++ depthwise kernel applies the first as it reads its
+input and the second as it writes its output
+(`depthwise.depthwise_conv_inference`), so neither costs a pass over memory:
+of MobileNetV1's 27 BatchNorm passes only the last remains (fused by XLA with
+the global average pool), and of an inverted residual block's three only the
+projection's (linear, with the residual add in the same XLA loop). The rest
+(squeeze-and-excitation, the last 1x1 convolution, pre-logits, classifier) is
+computed as the model computes it. (Folding `a` into the kernels instead
+would cost a pass over every weight per step.)
 
 `inference_fn(model)` returns a function `(variables, images) -> logits`
 computing `model.apply(variables, images, train=False)` this way, or None when
-the model is not one it computes: any stage other than the stem and
-depthwise-separable blocks (residuals, expansions, SE), an activation other
-than ReLU/ReLU6, bfloat16, the 'plain' ops, or depthwise layers not on the
-C++ kernels. Nothing calls it implicitly: the trainer and evaluation use it
-only when `config.model.fused_inference` is set and it accepts the model, and
-log which path they use. tests/test_fused_inference.py checks it against the
-layer-by-layer model.
+the model is not one it computes: Conv MobileNet's standard 3x3 blocks,
+bfloat16, the 'plain' ops, or depthwise layers not on the C++ kernels. Nothing
+calls it implicitly: the trainer and evaluation use it only when
+`config.model.fused_inference` is set and it accepts the model, and log which
+path they use. tests/test_fused_inference.py checks it against the
+layer-by-layer model for every architecture, tests/test_keras_reference.py
+against Keras.
 """
 from typing import Callable, Optional
 
+import jax
 import jax.numpy as jnp
 
+from mobilenet.models import architectures, blocks
 from mobilenet.models.mobilenet import MobileNet
 from mobilenet.ops import batch_norm, convolution, depthwise
-
-_BOUNDS = {'relu': (0.0, float('inf')), 'relu6': (0.0, 6.0)}
 
 
 def unsupported_reason(model: MobileNet) -> Optional[str]:
   """Why `inference_fn` cannot compute `model`, or None when it can."""
-  stages = model.plan.stages
-  if stages[0].kind != 'conv' or any(stage.kind != 'separable' for stage in stages[1:]):
-    return f'{model.plan.architecture} has blocks other than depthwise-separable ones'
-  if model.plan.pre_logits_channels:
-    return 'the model has a pre-logits layer'
-  if len({stage.activation for stage in stages}) != 1 or stages[0].activation not in _BOUNDS:
-    return 'the fused kernel computes one activation, ReLU or ReLU6, for every layer'
+  stem, *rest = model.plan.stages
+  if stem.kind != 'conv' or any(stage.kind == 'conv' and stage.name != 'last' for stage in rest):
+    return f'{model.plan.architecture} has standard convolution blocks (Conv MobileNet)'
   if model.dtype != jnp.float32:
     return 'the fused kernel computes in float32'
   if model.ops != 'fast' or depthwise.resolve_implementation(
       model.depthwise_implementation) != 'cpu_kernel':
     return 'the depthwise layers do not run on the C++ CPU kernels'
   return None
+
+
+class _Pending:
+  """A layer's raw output with its BatchNorm + activation not yet applied: act(raw * a + b)."""
+
+  def __init__(self, raw, affine, activation):
+    self.raw, self.affine, self.activation = raw, affine, activation
+
+  def value(self):
+    return batch_norm.inference_apply(self.raw, *self.affine, self.activation)
 
 
 def inference_fn(model: MobileNet) -> Optional[Callable]:
@@ -55,28 +64,83 @@ def inference_fn(model: MobileNet) -> Optional[Callable]:
 
   def forward(variables, images: jnp.ndarray) -> jnp.ndarray:
     params, stats = variables['params'], variables['batch_stats']
-    bounds = _BOUNDS[model.plan.stages[0].activation]
 
     def affine(layer, norm):
       return batch_norm.inference_affine(params[layer][norm], stats[layer][norm],
                                          model.batch_norm_epsilon)
 
-    stem, *blocks = model.plan.stages
-    x = convolution.conv(images.astype(jnp.float32), params['stem']['conv']['kernel'],
-                         strides=stem.stride)
-    pending = affine('stem', 'bn')  # Not yet applied to x.
-    for block in blocks:
-      x = depthwise.depthwise_conv_inference(
-          x, params[block.name]['depthwise']['kernel'], input_affine=pending,
-          output_affine=affine(block.name, 'depthwise_bn'), bounds=bounds,
-          strides=(block.stride, block.stride))
-      x = jnp.einsum('nhwc,cd->nhwd', x, params[block.name]['pointwise']['kernel'][0, 0])
-      pending = affine(block.name, 'pointwise_bn')
-    scale, bias = pending
-    x = jnp.mean(jnp.clip(x * scale + bias, *bounds), axis=(1, 2))
+    def pointwise(x, layer, conv):
+      return jnp.einsum('nhwc,cd->nhwd', x, params[layer][conv]['kernel'][0, 0])
+
+    stem, *stages = model.plan.stages
+    x = _Pending(convolution.conv(images.astype(jnp.float32), params['stem']['conv']['kernel'],
+                                  strides=stem.stride),
+                 affine('stem', 'bn'), blocks.ACTIVATIONS[stem.activation])
+    for stage in stages:
+      if stage.kind == 'separable':
+        x = _separable(stage, x, params, affine, pointwise)
+      elif stage.kind == 'inverted_residual':
+        x = _inverted_residual(stage, x, params, affine, pointwise)
+      else:  # The last 1x1 convolution (V2, V3).
+        x = _Pending(pointwise(_value(x), stage.name, 'conv'), affine(stage.name, 'bn'),
+                     blocks.ACTIVATIONS[stage.activation])
+    # XLA fuses the last pending BatchNorm + activation into the pooling's reduction.
+    x = jnp.mean(x.activation(x.raw * x.affine[0] + x.affine[1]) if isinstance(x, _Pending)
+                 else x, axis=(1, 2))
+    if model.plan.pre_logits_channels:
+      dense = params['pre_logits']
+      x = blocks.ACTIVATIONS[model.plan.pre_logits_activation](x @ dense['kernel'] + dense['bias'])
     return x @ params['head']['kernel'] + params['head']['bias']
 
   return forward
+
+
+def _value(x):
+  return x.value() if isinstance(x, _Pending) else x
+
+
+def _identity_pending(x) -> _Pending:
+  channels = x.shape[-1]
+  ones, zeros = jnp.ones(channels, jnp.float32), jnp.zeros(channels, jnp.float32)
+  return _Pending(x, (ones, zeros), batch_norm.identity)
+
+
+def _depthwise(stage: architectures.Stage, x: _Pending, params, affine) -> jnp.ndarray:
+  """The stage's depthwise layer with x's pending map before it and its own BatchNorm after it."""
+  return depthwise.depthwise_conv_inference(
+      x.raw, params[stage.name]['depthwise']['kernel'], input_affine=x.affine,
+      output_affine=affine(stage.name, 'depthwise_bn'), input_activation=x.activation,
+      output_activation=blocks.ACTIVATIONS[stage.activation],
+      strides=(stage.stride, stage.stride))
+
+
+def _separable(stage, x, params, affine, pointwise) -> _Pending:
+  if not isinstance(x, _Pending):
+    x = _identity_pending(x)
+  y = pointwise(_depthwise(stage, x, params, affine), stage.name, 'pointwise')
+  return _Pending(y, affine(stage.name, 'pointwise_bn'), blocks.ACTIVATIONS[stage.activation])
+
+
+def _inverted_residual(stage, x, params, affine, pointwise) -> jnp.ndarray:
+  if stage.residual or stage.expanded_channels or not isinstance(x, _Pending):
+    inputs = _value(x)  # Read again by the expansion or the residual add: materialized once.
+    x = _identity_pending(inputs)
+  if stage.expanded_channels:
+    x = _Pending(pointwise(inputs, stage.name, 'expand'), affine(stage.name, 'expand_bn'),
+                 blocks.ACTIVATIONS[stage.activation])
+  y = _depthwise(stage, x, params, affine)
+  if stage.se_channels:
+    y = _squeeze_excite(y, params[stage.name]['se'])
+  scale, bias = affine(stage.name, 'project_bn')
+  y = pointwise(y, stage.name, 'project') * scale + bias  # Linear bottleneck: no activation.
+  return y + inputs if stage.residual else y
+
+
+def _squeeze_excite(x, params):
+  """blocks.SqueezeExcite in float32."""
+  s = jax.nn.relu(jnp.mean(x, axis=(1, 2)) @ params['squeeze']['kernel'] + params['squeeze']['bias'])
+  s = jax.nn.hard_sigmoid(s @ params['excite']['kernel'] + params['excite']['bias'])
+  return x * s[:, None, None, :]
 
 
 def eval_apply(model: MobileNet, fused: bool) -> tuple[Callable, str]:

@@ -210,6 +210,15 @@ def _kernel_train_bwd(epsilon, kernel_activation, residuals, cotangents):
 _kernel_train.defvjp(_kernel_train_fwd, _kernel_train_bwd)
 
 
+def inference_apply(x, a, b, activation: Callable, implementation: str = 'auto'):
+  """activation(x * a + b) in float32: an inference-mode BatchNorm + activation, (a, b) from
+  `inference_affine`; on the C++ kernel where `implementation` resolves to it."""
+  x = x.astype(jnp.float32)
+  if resolve_implementation(implementation, activation) == 'cpu_kernel':
+    return _kernel_apply(x, a, b, KERNEL_ACTIVATIONS[activation])
+  return activation(x * a + b)
+
+
 def resolve_implementation(name: str, activation: Callable, backend: Optional[str] = None) -> str:
   """'auto' per ops/select.py, except that the C++ kernels compute ReLU, ReLU6, hard-swish and
   identity only."""
@@ -248,10 +257,7 @@ class BatchNormActivation(nn.Module):
     if self.use_running_average:
       a, b = inference_affine({'scale': scale, 'bias': bias},
                               {'mean': running_mean.value, 'var': running_var.value}, self.epsilon)
-      if on_kernel:
-        y = _kernel_apply(x.astype(jnp.float32), a, b, KERNEL_ACTIVATIONS[activation])
-        return y.astype(self.dtype)
-      return activation(x.astype(jnp.float32) * a + b).astype(self.dtype)
+      return inference_apply(x, a, b, activation, self.implementation).astype(self.dtype)
     if on_kernel:
       y, mean, var = _kernel_train(x.astype(jnp.float32), scale, bias, self.epsilon,
                                    KERNEL_ACTIVATIONS[activation])

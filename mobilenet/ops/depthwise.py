@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from mobilenet.ops import select
+from mobilenet.ops import batch_norm, select
 from mobilenet.ops.cpu import calls
 from mobilenet.ops.cpu import kernels as cpu_kernels
 
@@ -253,41 +253,52 @@ def depthwise_conv(inputs: jnp.ndarray, kernel: jnp.ndarray, *, strides=(1, 1),
   return _REGISTRY[implementation](inputs, kernel, tuple(strides), padding)
 
 
-def depthwise_conv_inference(inputs, kernel, *, input_affine, output_affine, bounds,
-                             strides=(1, 1), padding: Padding = 'SAME'):
+def depthwise_conv_inference(inputs, kernel, *, input_affine, output_affine, input_activation,
+                             output_activation, strides=(1, 1), padding: Padding = 'SAME'):
   """Inference-mode BatchNorm + activation on both sides of a depthwise convolution.
 
-  With (a, b) = input_affine, (a2, b2) = output_affine and (lo, hi) = bounds:
-  clip(depthwise(clip(inputs * a + b, lo, hi)) * a2 + b2, lo, hi) in float32,
-  i.e. the previous layer's BatchNorm + activation, this layer, and its own
-  (inference.py). For a 3x3 filter over a multiple of 8 channels with
-  multiplier 1 both maps run inside the C++ kernel's loops, one pass over
-  memory instead of three; otherwise as XLA steps around `depthwise_conv`.
+  With (a, b) = input_affine, (a2, b2) = output_affine:
+  output_activation(depthwise(input_activation(inputs * a + b)) * a2 + b2) in
+  float32, i.e. the previous layer's BatchNorm + activation, this layer, and its
+  own (models/fused_inference.py). The activations are those of
+  `batch_norm.KERNEL_ACTIVATIONS` (ReLU, ReLU6, hard-swish, `batch_norm.identity`).
+  For a 3x3 or 5x5 filter over a multiple of 8 channels with multiplier 1 both
+  maps run inside the C++ kernel's loops, one pass over memory instead of
+  three; otherwise as XLA steps around `depthwise_conv`.
   """
   kh, kw, _, out_channels = kernel.shape
   channels = inputs.shape[-1]
   pads = explicit_padding(inputs.shape[1:3], (kh, kw), strides, padding)
   f32 = lambda value: jnp.asarray(value, jnp.float32)
   operands = (f32(inputs), f32(kernel), *map(f32, input_affine), *map(f32, output_affine))
-  settings = (tuple(strides), padding, pads, tuple(map(float, bounds)))
-  if (cpu_kernels.available() and (kh, kw) == (3, 3) and out_channels == channels
-      and channels % 8 == 0 and min(pads[0] + pads[1]) >= 0):
+  settings = (tuple(strides), padding, pads, input_activation, output_activation)
+  on_kernel = (cpu_kernels.available() and kh == kw and kh in (3, 5)
+               and out_channels == channels and channels % 8 == 0
+               and min(pads[0] + pads[1]) >= 0
+               and {input_activation, output_activation} <= set(batch_norm.KERNEL_ACTIVATIONS))
+  if on_kernel:
     return _fused_inference_kernel(*operands, settings)
   return _inference_xla(*operands, settings)
 
 
 def _inference_xla(inputs, kernel, in_scale, in_bias, out_scale, out_bias, settings):
   """depthwise_conv_inference as XLA steps around `depthwise_conv`: its reference and VJP."""
-  strides, padding, _, bounds = settings
-  activated = jnp.clip(inputs * in_scale + in_bias, *bounds)
+  strides, padding, _, input_activation, output_activation = settings
+  activated = input_activation(inputs * in_scale + in_bias)
   y = depthwise_conv(activated, kernel, strides=strides, padding=padding)
-  return jnp.clip(y * out_scale + out_bias, *bounds)
+  return output_activation(y * out_scale + out_bias)
+
+
+def _activation_attributes(prefix, activation):
+  kind, lo, hi = batch_norm.KERNEL_ACTIVATIONS[activation]
+  return {f'{prefix}_kind': np.int32(kind), f'{prefix}_lo': np.float32(lo),
+          f'{prefix}_hi': np.float32(hi)}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _fused_inference_kernel(inputs, kernel, in_scale, in_bias, out_scale, out_bias, settings):
   """The one-pass C++ kernel, per example (sharded and vmappable through calls.py)."""
-  strides, _, pads, (lo, hi) = settings
+  strides, _, pads, input_activation, output_activation = settings
   kh, kw, _, channels = kernel.shape
   out_h = _output_size(inputs.shape[1], kh, strides[0], pads[0])
   out_w = _output_size(inputs.shape[2], kw, strides[1], pads[1])
@@ -296,8 +307,9 @@ def _fused_inference_kernel(inputs, kernel, in_scale, in_bias, out_scale, out_bi
       [jax.ShapeDtypeStruct((inputs.shape[0], out_h, out_w, channels), jnp.float32)],
       [inputs, kernel.reshape(kh, kw, channels), in_scale, in_bias, out_scale, out_bias],
       batched=(True,) + (False,) * 5, sh=np.int64(strides[0]), sw=np.int64(strides[1]),
-      pt=np.int64(pads[0][0]), pl=np.int64(pads[1][0]), in_lo=np.float32(lo),
-      in_hi=np.float32(hi), out_lo=np.float32(lo), out_hi=np.float32(hi))
+      pt=np.int64(pads[0][0]), pl=np.int64(pads[1][0]),
+      **_activation_attributes('in', input_activation),
+      **_activation_attributes('out', output_activation))
   return out
 
 

@@ -145,37 +145,69 @@ void ForwardVectorized(ffi::ThreadPool& pool, const Geometry& g, const float* x,
 }
 
 // Inference with each BatchNorm + activation as a per-channel affine map and
-// a clip (inference.py): the previous layer's applied to each image as it is
-// read (into a per-thread buffer, where the 9 taps then read it), this
-// layer's to each output before it is stored, so neither costs a pass of its
-// own over memory:
-// y = clip(depthwise(clip(x * in_scale + in_bias, in)) * out_scale + out_bias, out).
+// an activation (models/fused_inference.py): the previous layer's applied to
+// each image as it is read (into a per-thread buffer, where the K*K taps then
+// read it), this layer's to each output before it is stored, so neither costs
+// a pass of its own over memory:
+// y = out_act(depthwise(in_act(x * in_scale + in_bias)) * out_scale + out_bias).
+// The activations: clip(z, lo, hi) (ReLU, ReLU6, none) or hard-swish.
+enum ActivationKind : int32_t { kClip = 0, kHardSwish = 1 };
+
+struct ClipActivation {
+  Vec8 lo, hi;
+  Vec8 operator()(Vec8 z) const { return mobilenet::Clip(z, lo, hi); }
+};
+
+struct HardSwishActivation {
+  Vec8 operator()(Vec8 z) const {  // z * relu6(z + 3) / 6, as jax.nn.hard_swish.
+    const Vec8 zero = {}, six = zero + 6.0f;
+    return z * mobilenet::Clip(z + 3.0f, zero, six) * (1.0f / 6.0f);
+  }
+};
+
 struct Affine {
   const float* scale;
   const float* bias;
-  float lo, hi;  // The activation's clip bounds.
+  int32_t kind;  // ActivationKind
+  float lo, hi;  // kClip's bounds.
 };
 
-void InferenceForward3x3(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* f,
-                         const Affine& in, const Affine& out, float* y) {
-  const std::vector<float> zeros(g.w * g.c, 0.0f);
-  const Columns interior = InteriorColumns(g.w, g.ow, g.sw, g.pl, 3);
-  const Vec8 in_lo = in.lo - Vec8{}, in_hi = in.hi - Vec8{};
-  const Vec8 out_lo = out.lo - Vec8{}, out_hi = out.hi - Vec8{};
+// Calls body(activation) with the activation an Affine names.
+template <typename Body>
+void WithActivation(const Affine& affine, Body body) {
+  if (affine.kind == kHardSwish) return body(HardSwishActivation{});
+  const Vec8 zero = {};
+  body(ClipActivation{zero + affine.lo, zero + affine.hi});
+}
+
+// The activated input goes into a per-thread buffer with the padding around
+// it (zeros, written once), so the K*K loop runs without bounds checks on
+// every column: on V3's 2x2 and 4x4 maps a 5x5 filter has no interior column.
+template <int K, typename InActivation, typename OutActivation>
+void InferenceForward(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* f,
+                      const Affine& in, InActivation in_act, const Affine& out,
+                      OutActivation out_act, float* y) {
+  const int64_t padded_h = std::max(g.h + g.pt, (g.oh - 1) * g.sh + K);
+  const int64_t padded_w = std::max(g.w + g.pl, (g.ow - 1) * g.sw + K);
+  const Geometry padded{g.n, padded_h, padded_w, g.c, K, K, g.oh, g.ow, g.sh, g.sw, 0, 0};
+  const Columns all{0, g.ow};
   ForImages(pool, g.n, mobilenet::NumChunks(pool, g.n), [&](int64_t lo, int64_t hi, int64_t) {
-    std::vector<float> activated(g.h * g.w * g.c);
+    std::vector<float> activated(padded_h * padded_w * g.c, 0.0f);
     for (int64_t n = lo; n < hi; ++n) {
       const float* image = x + n * g.h * g.w * g.c;
-      for (int64_t p = 0; p < g.h * g.w; ++p) {
-        for (int64_t cb = 0; cb < g.c; cb += kLanes) {
-          Vec8 v = Load(image + p * g.c + cb) * Load(in.scale + cb) + Load(in.bias + cb);
-          Store(activated.data() + p * g.c + cb, mobilenet::Clip(v, in_lo, in_hi));
+      for (int64_t r = 0; r < g.h; ++r) {
+        float* row = activated.data() + ((r + g.pt) * padded_w + g.pl) * g.c;
+        const float* source = image + r * g.w * g.c;
+        for (int64_t q = 0; q < g.w * g.c; q += g.c) {
+          for (int64_t cb = 0; cb < g.c; cb += kLanes) {
+            Vec8 v = Load(source + q + cb) * Load(in.scale + cb) + Load(in.bias + cb);
+            Store(row + q + cb, in_act(v));
+          }
         }
       }
-      ForwardImage<3>(g, interior, activated.data(), zeros.data(), f, y + n * g.oh * g.ow * g.c,
+      ForwardImage<K>(padded, all, activated.data(), nullptr, f, y + n * g.oh * g.ow * g.c,
                       [&](Vec8 acc, int64_t cb) {
-                        Vec8 v = acc * Load(out.scale + cb) + Load(out.bias + cb);
-                        return mobilenet::Clip(v, out_lo, out_hi);
+                        return out_act(acc * Load(out.scale + cb) + Load(out.bias + cb));
                       });
     }
   });
@@ -355,16 +387,28 @@ ffi::Error InferenceForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                 ffi::Buffer<ffi::F32> f, ffi::Buffer<ffi::F32> in_scale,
                                 ffi::Buffer<ffi::F32> in_bias, ffi::Buffer<ffi::F32> out_scale,
                                 ffi::Buffer<ffi::F32> out_bias, ffi::ResultBuffer<ffi::F32> y,
-                                int64_t sh, int64_t sw, int64_t pt, int64_t pl, float in_lo,
-                                float in_hi, float out_lo, float out_hi) {
+                                int64_t sh, int64_t sw, int64_t pt, int64_t pl, int32_t in_kind,
+                                float in_lo, float in_hi, int32_t out_kind, float out_lo,
+                                float out_hi) {
   Geometry g = MakeGeometry(x.dimensions(), f.dimensions(), y->dimensions(), sh, sw, pt, pl);
-  if (!VectorizedShape(g) || g.kh != 3) {
-    return ffi::Error::InvalidArgument("needs a 3x3 filter over a multiple of 8 channels");
+  if (!VectorizedShape(g)) {
+    return ffi::Error::InvalidArgument("needs a 3x3 or 5x5 filter over a multiple of 8 channels");
   }
-  InferenceForward3x3(pool, g, x.typed_data(), f.typed_data(),
-                      {in_scale.typed_data(), in_bias.typed_data(), in_lo, in_hi},
-                      {out_scale.typed_data(), out_bias.typed_data(), out_lo, out_hi},
-                      y->typed_data());
+  for (int32_t kind : {in_kind, out_kind}) {
+    if (kind != kClip && kind != kHardSwish) {
+      return ffi::Error::InvalidArgument("unknown activation kind");
+    }
+  }
+  const Affine in{in_scale.typed_data(), in_bias.typed_data(), in_kind, in_lo, in_hi};
+  const Affine out{out_scale.typed_data(), out_bias.typed_data(), out_kind, out_lo, out_hi};
+  WithFilterSize(g, [&](auto k) {
+    WithActivation(in, [&](auto in_act) {
+      WithActivation(out, [&](auto out_act) {
+        InferenceForward<decltype(k)::value>(pool, g, x.typed_data(), f.typed_data(), in, in_act,
+                                             out, out_act, y->typed_data());
+      });
+    });
+  });
   return ffi::Error::Success();
 }
 
@@ -416,7 +460,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseInferenceForward, InferenceForwardImpl,
                                   .Attr<int64_t>("sw")
                                   .Attr<int64_t>("pt")
                                   .Attr<int64_t>("pl")
+                                  .Attr<int32_t>("in_kind")
                                   .Attr<float>("in_lo")
                                   .Attr<float>("in_hi")
+                                  .Attr<int32_t>("out_kind")
                                   .Attr<float>("out_lo")
                                   .Attr<float>("out_hi"));
