@@ -81,7 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
   # ops/select.py), 'xla', 'shifted' or 'cpu_kernel'.
   config.model.depthwise_implementation = 'auto'
   # Evaluate with the BatchNorms fused into the C++ depthwise kernel where the
-  # model allows it (models/fused_inference.py: MobileNetV1, float32, CPU).
+  # model allows it (models/fused_inference.py: every architecture but Conv
+  # MobileNet, float32, the fast ops on the CPU).
   config.model.fused_inference = True
   config.model.min_channels = 8  # Channels are max(int(c * alpha), min_channels).
   config.model.batch_norm_momentum = 0.9
