@@ -54,15 +54,18 @@ def test_fused_inference_matches_layer_by_layer(form, resolution, alpha, activat
     np.testing.assert_allclose(have, want, rtol=2e-4, atol=2e-4)
 
 
-@pytest.mark.parametrize('size,channels,activations', [
-    (3, 16, (jax.nn.relu6, jax.nn.relu6)),  # MobileNetV1 (Keras), V2.
-    (3, 24, (jax.nn.hard_swish, jax.nn.relu)),  # A V3 block after a hard-swish one... and back.
-    (5, 8, (jax.nn.relu, jax.nn.hard_swish)),  # V3's 5x5 layers.
-    (5, 16, (batch_norm.identity, jax.nn.hard_swish)),  # After a materialized input.
+@pytest.mark.parametrize('size,channels,activations,spatial', [
+    (3, 16, (jax.nn.relu6, jax.nn.relu6), (9, 8)),  # MobileNetV1 (Keras), V2.
+    (3, 24, (jax.nn.hard_swish, jax.nn.relu), (9, 8)),  # A V3 block after a hard-swish one...
+    (5, 8, (jax.nn.relu, jax.nn.hard_swish), (9, 8)),  # V3's 5x5 layers.
+    (5, 16, (batch_norm.identity, jax.nn.hard_swish), (9, 8)),  # After a materialized input.
+    # Rows too wide for one band in L2: the image is taken in bands (three at stride 1).
+    (3, 64, (jax.nn.relu6, jax.nn.relu6), (70, 64)),
+    (5, 64, (jax.nn.relu, jax.nn.hard_swish), (67, 64)),
 ])
-def test_fused_depthwise_matches_its_definition(size, channels, activations):
+def test_fused_depthwise_matches_its_definition(size, channels, activations, spatial):
   rng = np.random.default_rng(3)
-  x = jnp.asarray(rng.normal(size=(2, 9, 8, channels)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(2, *spatial, channels)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(size, size, 1, channels)), jnp.float32)
   a, b, a2, b2 = (jnp.asarray(rng.normal(size=channels), jnp.float32) for _ in range(4))
   before, after = activations
