@@ -54,7 +54,12 @@ class _Pending:
     self.raw, self.affine, self.activation = raw, affine, activation
 
   def value(self):
+    """The activations, materialized (by the C++ BatchNorm kernel)."""
     return batch_norm.inference_apply(self.raw, *self.affine, self.activation)
+
+  def as_xla(self):
+    """The activations as XLA operations, which XLA fuses into the reduction that reads them."""
+    return self.activation(self.raw * self.affine[0] + self.affine[1])
 
 
 def inference_fn(model: MobileNet) -> Optional[Callable]:
@@ -84,9 +89,7 @@ def inference_fn(model: MobileNet) -> Optional[Callable]:
       else:  # The last 1x1 convolution (V2, V3).
         x = _Pending(pointwise(_value(x), stage.name, 'conv'), affine(stage.name, 'bn'),
                      blocks.ACTIVATIONS[stage.activation])
-    # XLA fuses the last pending BatchNorm + activation into the pooling's reduction.
-    x = jnp.mean(x.activation(x.raw * x.affine[0] + x.affine[1]) if isinstance(x, _Pending)
-                 else x, axis=(1, 2))
+    x = jnp.mean(x.as_xla() if isinstance(x, _Pending) else x, axis=(1, 2))
     if model.plan.pre_logits_channels:
       dense = params['pre_logits']
       x = blocks.ACTIVATIONS[model.plan.pre_logits_activation](x @ dense['kernel'] + dense['bias'])
