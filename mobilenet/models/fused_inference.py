@@ -26,7 +26,6 @@ against Keras.
 """
 from typing import Callable, Optional
 
-import jax
 import jax.numpy as jnp
 
 from mobilenet.models import architectures, blocks
@@ -133,17 +132,10 @@ def _inverted_residual(stage, x, params, affine, pointwise) -> jnp.ndarray:
                  blocks.ACTIVATIONS[stage.activation])
   y = _depthwise(stage, x, params, affine)
   if stage.se_channels:
-    y = _squeeze_excite(y, params[stage.name]['se'])
+    y = blocks.SqueezeExcite(stage.se_channels).apply({'params': params[stage.name]['se']}, y)
   scale, bias = affine(stage.name, 'project_bn')
   y = pointwise(y, stage.name, 'project') * scale + bias  # Linear bottleneck: no activation.
   return y + inputs if stage.residual else y
-
-
-def _squeeze_excite(x, params):
-  """blocks.SqueezeExcite in float32."""
-  s = jax.nn.relu(jnp.mean(x, axis=(1, 2)) @ params['squeeze']['kernel'] + params['squeeze']['bias'])
-  s = jax.nn.hard_sigmoid(s @ params['excite']['kernel'] + params['excite']['bias'])
-  return x * s[:, None, None, :]
 
 
 def eval_apply(model: MobileNet, fused: bool) -> tuple[Callable, str]:

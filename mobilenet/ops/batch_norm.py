@@ -100,7 +100,7 @@ def identity(x):
 
 
 # The activations the C++ kernels compute, as (kind, lo, hi): kind 0 is clip(z, lo, hi), kind 1
-# hard-swish (batch_norm_cpu.cc's ActivationKind; lo and hi unused).
+# hard-swish (cpu_vectors.h's ActivationKind; lo and hi unused).
 KERNEL_ACTIVATIONS = {nn.relu: (0, 0.0, float('inf')), jax.nn.relu6: (0, 0.0, 6.0),
                       identity: (0, float('-inf'), float('inf')),
                       jax.nn.hard_swish: (1, float('-inf'), float('inf'))}

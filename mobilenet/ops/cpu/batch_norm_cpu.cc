@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "cpu_loops.h"
+#include "cpu_vectors.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -102,7 +103,8 @@ void ColumnSums(ffi::ThreadPool& pool, int64_t rows, int64_t c, Term term,
 
 // The activations, as small structs the loops below are instantiated with
 // (a runtime switch inside the loops would stop GCC from vectorizing them).
-enum ActivationKind : int32_t { kClip = 0, kHardSwish = 1 };
+using mobilenet::kClip;
+using mobilenet::kHardSwish;
 
 struct Clip {
   float lo, hi;

@@ -26,6 +26,11 @@ inline Vec8 Load(const float* p) {
 
 inline void Store(float* p, Vec8 v) { std::memcpy(p, &v, sizeof(v)); }
 
+// The activation after a BatchNorm, as the kernels' `activation`, `in_kind` and
+// `out_kind` attributes name it (ops/batch_norm.py's KERNEL_ACTIVATIONS):
+// clip(z, lo, hi) (ReLU, ReLU6, none) or MobileNetV3's hard-swish.
+enum ActivationKind : int32_t { kClip = 0, kHardSwish = 1 };
+
 // min(max(v, lo), hi) lane by lane.
 inline Vec8 Clip(Vec8 v, Vec8 lo, Vec8 hi) {
   v = v > lo ? v : lo;

@@ -151,7 +151,8 @@ void ForwardVectorized(ffi::ThreadPool& pool, const Geometry& g, const float* x,
 // a pass of its own over memory:
 // y = out_act(depthwise(in_act(x * in_scale + in_bias)) * out_scale + out_bias).
 // The activations: clip(z, lo, hi) (ReLU, ReLU6, none) or hard-swish.
-enum ActivationKind : int32_t { kClip = 0, kHardSwish = 1 };
+using mobilenet::kClip;
+using mobilenet::kHardSwish;
 
 struct ClipActivation {
   Vec8 lo, hi;
