@@ -2,10 +2,11 @@
 
 Each block takes `conv` and `norm` factories (ops/op_sets.py), as flax's
 ResNet blocks do: `conv` has `nn.Conv`'s signature (no bias, 'SAME' padding),
-`norm` is BatchNorm followed by an activation. A depthwise convolution is
-`conv(C, (k, k), feature_group_count=C)`: one k x k filter per input channel,
-k*k*C weights, where a standard convolution to N maps has k*k*C*N. A pointwise
-convolution is `conv(N, (1, 1))`: C*N weights.
+`norm` is BatchNorm followed by an activation. `conv(...)(x, input_norm=norm)`
+is `conv(...)(norm(x))`, a pair an op set may compute as one operation. A
+depthwise convolution is `conv(C, (k, k), feature_group_count=C)`: one k x k
+filter per input channel, k*k*C weights, where a standard convolution to N maps
+has k*k*C*N. A pointwise convolution is `conv(N, (1, 1))`: C*N weights.
 """
 from typing import Any, Callable
 
@@ -92,10 +93,12 @@ class InvertedResidual(nn.Module):
     x = inputs
     if self.expanded_features:
       x = self.conv(self.expanded_features, (1, 1), name='expand')(x)
-      x = self.norm(activation=activation, name='expand_bn')(x)
+      # The expansion's BatchNorm + activation goes to the depthwise layer as its `input_norm`:
+      # the same as applying it first, but an op set may compute the two as one operation.
+      expand_norm = self.norm(activation=activation, name='expand_bn')
     channels = x.shape[-1]
     x = self.conv(channels, (self.kernel_size,) * 2, self.strides, feature_group_count=channels,
-                  name='depthwise')(x)
+                  name='depthwise')(x, input_norm=expand_norm if self.expanded_features else None)
     x = self.norm(activation=activation, name='depthwise_bn')(x)
     if self.se_features:
       x = SqueezeExcite(self.se_features, dtype=self.dtype, name='se')(x)

@@ -147,11 +147,16 @@ def _kernel(name, out_shapes, *operands, **attributes):
   return outputs[0] if single else outputs
 
 
-def _kernel_forward(x, scale, bias, epsilon, kernel_activation):
+def kernel_statistics(x, scale, bias, epsilon):
+  """Batch (mean, var) of float32 `x` on the C++ kernel, with 1/std and the affine (a, b) they give."""
   channels = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
   mean, var = _kernel('stats', (channels, channels), x)
   inv_std = jax.lax.rsqrt(var + epsilon)
-  a, b = _coefficients(mean, inv_std, scale, bias)
+  return mean, var, inv_std, _coefficients(mean, inv_std, scale, bias)
+
+
+def _kernel_forward(x, scale, bias, epsilon, kernel_activation):
+  mean, var, inv_std, (a, b) = kernel_statistics(x, scale, bias, epsilon)
   y = _kernel('apply', jax.ShapeDtypeStruct(x.shape, jnp.float32), x, a, b,
               **_kernel_attributes(kernel_activation))
   return y, mean, var, inv_std
@@ -192,8 +197,11 @@ def _kernel_train_fwd(x, scale, bias, epsilon, kernel_activation):
 
 def _kernel_train_bwd(epsilon, kernel_activation, residuals, cotangents):
   del epsilon
-  x, mean, inv_std, scale, bias = residuals
-  dy = cotangents[0]
+  return kernel_backward(*residuals, cotangents[0], kernel_activation)
+
+
+def kernel_backward(x, mean, inv_std, scale, bias, dy, kernel_activation):
+  """(dx, d_scale, d_bias) of training-mode activation(BN(x)) for the gradient `dy` at its output."""
   count = x.size // x.shape[-1]
   a, b = _coefficients(mean, inv_std, scale, bias)
   channels = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
@@ -243,7 +251,10 @@ class BatchNormActivation(nn.Module):
   implementation: str = 'auto'  # 'xla', 'cpu_kernel' (ReLU, ReLU6, hard-swish, none) or 'auto'.
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, then: Optional[Any] = None) -> jnp.ndarray:
+    """activation(BatchNorm(x)); with `then`, the depthwise layer it feeds
+    (ops/norm_depthwise.DepthwiseAfter), then(activation(BatchNorm(x))), computed as one
+    operation in training where `then.fuses` allows."""
     activation = self.activation or identity
     features = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
@@ -257,8 +268,12 @@ class BatchNormActivation(nn.Module):
     if self.use_running_average:
       a, b = inference_affine({'scale': scale, 'bias': bias},
                               {'mean': running_mean.value, 'var': running_var.value}, self.epsilon)
-      return inference_apply(x, a, b, activation, self.implementation).astype(self.dtype)
-    if on_kernel:
+      y = inference_apply(x, a, b, activation, self.implementation).astype(self.dtype)
+      return y if then is None else then(y)
+    fused = then is not None and on_kernel and then.fuses(x, activation)
+    if fused:
+      y, mean, var = then.fused_train(x, scale, bias, self.epsilon, activation)
+    elif on_kernel:
       y, mean, var = _kernel_train(x.astype(jnp.float32), scale, bias, self.epsilon,
                                    KERNEL_ACTIVATIONS[activation])
       y = y.astype(self.dtype)
@@ -267,4 +282,4 @@ class BatchNormActivation(nn.Module):
     if not self.is_initializing():
       running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
       running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
-    return y
+    return y if then is None or fused else then(y)

@@ -295,22 +295,54 @@ def _activation_attributes(prefix, activation):
           f'{prefix}_hi': np.float32(hi)}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _fused_inference_kernel(inputs, kernel, in_scale, in_bias, out_scale, out_bias, settings):
-  """The one-pass C++ kernel, per example (sharded and vmappable through calls.py)."""
-  strides, _, pads, input_activation, output_activation = settings
-  kh, kw, _, channels = kernel.shape
+def _strided_attributes(strides, pads):
+  return dict(sh=np.int64(strides[0]), sw=np.int64(strides[1]), pt=np.int64(pads[0][0]),
+              pl=np.int64(pads[1][0]))
+
+
+def inference_kernel_call(inputs, kernel, in_scale, in_bias, out_scale, out_bias, *, strides,
+                          pads, input_activation, output_activation):
+  """The fused C++ kernel's forward pass, per example (sharded and vmappable through calls.py):
+  float32 NHWC `inputs`, a (k, k, C) `kernel`, explicit `pads`; no VJP of its own."""
+  kh, kw, channels = kernel.shape
   out_h = _output_size(inputs.shape[1], kh, strides[0], pads[0])
   out_w = _output_size(inputs.shape[2], kw, strides[1], pads[1])
   out, = calls.kernel_call(
       'mobilenet_depthwise_inference',
       [jax.ShapeDtypeStruct((inputs.shape[0], out_h, out_w, channels), jnp.float32)],
-      [inputs, kernel.reshape(kh, kw, channels), in_scale, in_bias, out_scale, out_bias],
-      batched=(True,) + (False,) * 5, sh=np.int64(strides[0]), sw=np.int64(strides[1]),
-      pt=np.int64(pads[0][0]), pl=np.int64(pads[1][0]),
+      [inputs, kernel, in_scale, in_bias, out_scale, out_bias],
+      batched=(True,) + (False,) * 5, **_strided_attributes(strides, pads),
       **_activation_attributes('in', input_activation),
       **_activation_attributes('out', output_activation))
   return out
+
+
+def input_grad_kernel_call(g, kernel, input_shape, *, strides, pads):
+  """The C++ kernel's input gradient: dL/d(inputs) of `input_shape` from dL/d(output) `g`."""
+  return _kernel_call('input_grad', input_shape, g, kernel, strides, pads)
+
+
+def activated_filter_grad_kernel_call(inputs, g, in_scale, in_bias, kernel_shape, *, strides,
+                                      pads, input_activation):
+  """The C++ kernel's (k, k, C) filter gradient of depthwise(input_activation(inputs * in_scale +
+  in_bias)) from dL/d(output) `g`, the activated input recomputed from `inputs` as it is read."""
+  out, = calls.kernel_call(
+      'mobilenet_depthwise_activated_filter_grad',
+      [jax.ShapeDtypeStruct(kernel_shape, jnp.float32)], [inputs, g, in_scale, in_bias],
+      batched=(True, True, False, False), combine=calls.psum_combine,
+      **_strided_attributes(strides, pads), **_activation_attributes('in', input_activation))
+  return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _fused_inference_kernel(inputs, kernel, in_scale, in_bias, out_scale, out_bias, settings):
+  """The one-pass C++ kernel, with the XLA form's VJP."""
+  strides, _, pads, input_activation, output_activation = settings
+  kh, kw, _, channels = kernel.shape
+  return inference_kernel_call(inputs, kernel.reshape(kh, kw, channels), in_scale, in_bias,
+                               out_scale, out_bias, strides=strides, pads=pads,
+                               input_activation=input_activation,
+                               output_activation=output_activation)
 
 
 def _fused_inference_fwd(*args):

@@ -37,7 +37,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
-from mobilenet.ops import batch_norm, convolution, depthwise, pointwise
+from mobilenet.ops import batch_norm, convolution, depthwise, norm_depthwise, pointwise
 
 OP_SETS = ('fast', 'plain')  # What a config may train with.
 FOLDED = 'folded'
@@ -52,17 +52,27 @@ class PlainBatchNormActivation(nn.BatchNorm):
   activation: Callable | None = None
 
   @nn.compact
-  def __call__(self, x, use_running_average=None, **kwargs):
+  def __call__(self, x, use_running_average=None, then=None, **kwargs):
     y = super().__call__(x, use_running_average=use_running_average, **kwargs)
-    return y if self.activation is None else self.activation(y)
+    y = y if self.activation is None else self.activation(y)
+    return y if then is None else then(y)
 
 
 class Activation(nn.Module):
   """What remains of BatchNorm + activation once the BatchNorm is folded: the activation (None: none)."""
   activation: Callable | None = None
 
-  def __call__(self, x):
-    return x if self.activation is None else self.activation(x)
+  def __call__(self, x, then=None):
+    y = x if self.activation is None else self.activation(x)
+    return y if then is None else then(y)
+
+
+class PlainConv(nn.Conv):
+  """`nn.Conv` that may be given the BatchNorm + activation before it, as `Conv` is (applied first)."""
+
+  @nn.compact
+  def __call__(self, inputs, input_norm=None):
+    return super().__call__(inputs if input_norm is None else input_norm(inputs))
 
 
 class Conv(nn.Module):
@@ -83,7 +93,10 @@ class Conv(nn.Module):
   depthwise_implementation: str = 'auto'
 
   @nn.compact
-  def __call__(self, inputs: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, inputs: jnp.ndarray, input_norm: Any = None) -> jnp.ndarray:
+    """The convolution of `inputs`, or of input_norm(inputs) where `input_norm` is the BatchNorm
+    + activation before this layer: a depthwise layer hands itself to it (`then`), so that the
+    norm can compute both as one operation (ops/norm_depthwise.py)."""
     if self.use_bias:
       raise ValueError('ops.op_sets.Conv has no bias: every convolution here is followed by BatchNorm')
     channels = inputs.shape[-1]
@@ -91,7 +104,13 @@ class Conv(nn.Module):
     strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
     kernel = self.param('kernel', self.kernel_init,
                         (kh, kw, channels // self.feature_group_count, self.features), jnp.float32)
-    x, kernel = inputs.astype(self.dtype), kernel.astype(self.dtype)
+    kernel = kernel.astype(self.dtype)
+    if input_norm is not None and self.feature_group_count == channels == self.features:
+      return input_norm(inputs, then=norm_depthwise.DepthwiseAfter(
+          kernel, strides, 'SAME', self.depthwise_implementation)).astype(self.dtype)
+    if input_norm is not None:
+      inputs = input_norm(inputs)
+    x = inputs.astype(self.dtype)
     if self.feature_group_count == channels and self.features % channels == 0:
       return depthwise.depthwise_conv(x, kernel, strides=strides, padding='SAME',
                                       implementation=self.depthwise_implementation)
@@ -119,7 +138,7 @@ def op_set(name: str, *, train: bool, dtype: Any = jnp.float32, batch_norm_momen
                        epsilon=batch_norm_epsilon, dtype=dtype)
   if name == 'plain':
     return OpSet(name,
-                 conv=functools.partial(nn.Conv, use_bias=False, padding='SAME', dtype=dtype,
+                 conv=functools.partial(PlainConv, use_bias=False, padding='SAME', dtype=dtype,
                                         kernel_init=conv_kernel_init),
                  norm=functools.partial(PlainBatchNormActivation, **norm_settings))
   if name == 'fast':
@@ -131,6 +150,6 @@ def op_set(name: str, *, train: bool, dtype: Any = jnp.float32, batch_norm_momen
     if train:
       raise ValueError("the 'folded' op set computes inference only (its BatchNorms are folded)")
     return OpSet(name,
-                 conv=functools.partial(nn.Conv, use_bias=True, padding='SAME', dtype=dtype),
+                 conv=functools.partial(PlainConv, use_bias=True, padding='SAME', dtype=dtype),
                  norm=Activation)
   raise ValueError(f'unknown op set {name!r}; choose one of {OP_SETS}')

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <type_traits>
 #include <vector>
 
@@ -191,38 +192,63 @@ void WithActivation(const Affine& affine, Body body) {
 // 96 channels is ~5 MB, and the kernel took 1.5x as long).
 constexpr int64_t kBandBytes = 512 * 1024;
 
-template <int K, typename InActivation, typename OutActivation>
-void InferenceForward(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* f,
-                      const Affine& in, InActivation in_act, const Affine& out,
-                      OutActivation out_act, float* y) {
+// The bands of output rows an image is taken in, for a K x K filter.
+struct Bands {
+  int64_t row_values;  // Values per row of the padded buffer.
+  int64_t band_oh;     // Output rows per band (the last band may have fewer).
+  int64_t band_rows;   // Input rows a full band reads.
+};
+
+template <int K>
+Bands MakeBands(const Geometry& g) {
   const int64_t padded_w = std::max(g.w + g.pl, (g.ow - 1) * g.sw + K);
   const int64_t row_values = padded_w * g.c;
   const int64_t fitting_rows = std::max<int64_t>(K, kBandBytes / (sizeof(float) * row_values));
   const int64_t band_oh = std::clamp<int64_t>((fitting_rows - K) / g.sh + 1, 1, g.oh);
-  const int64_t band_rows = (band_oh - 1) * g.sh + K;
+  return Bands{row_values, band_oh, (band_oh - 1) * g.sh + K};
+}
+
+// Writes in_act(x * scale + bias) of the input rows that output rows [first, first + rows_out)
+// read into `activated` (band row b = input row first * sh + b - pt, shifted right by the left
+// padding; zeros where a row lies outside the image; the padding columns are never written, so
+// they stay as the caller zeroed them). Returns the number of band rows.
+template <int K, typename InActivation>
+int64_t ActivateBand(const Geometry& g, const Bands& bands, const float* image, const Affine& in,
+                     InActivation in_act, int64_t first, int64_t rows_out, float* activated) {
+  const int64_t rows_in = (rows_out - 1) * g.sh + K;
+  for (int64_t b = 0; b < rows_in; ++b) {
+    const int64_t r = first * g.sh + b - g.pt;
+    float* row = activated + b * bands.row_values + g.pl * g.c;
+    if (r < 0 || r >= g.h) {
+      std::fill(row, row + g.w * g.c, 0.0f);
+      continue;
+    }
+    const float* source = image + r * g.w * g.c;
+    for (int64_t q = 0; q < g.w * g.c; q += g.c) {
+      for (int64_t cb = 0; cb < g.c; cb += kLanes) {
+        Vec8 v = Load(source + q + cb) * Load(in.scale + cb) + Load(in.bias + cb);
+        Store(row + q + cb, in_act(v));
+      }
+    }
+  }
+  return rows_in;
+}
+
+template <int K, typename InActivation, typename OutActivation>
+void InferenceForward(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* f,
+                      const Affine& in, InActivation in_act, const Affine& out,
+                      OutActivation out_act, float* y) {
+  const Bands bands = MakeBands<K>(g);
+  const int64_t padded_w = bands.row_values / g.c;
   const Columns all{0, g.ow};
   ForImages(pool, g.n, mobilenet::NumChunks(pool, g.n), [&](int64_t lo, int64_t hi, int64_t) {
-    std::vector<float> activated(band_rows * row_values, 0.0f);
+    std::vector<float> activated(bands.band_rows * bands.row_values, 0.0f);
     for (int64_t n = lo; n < hi; ++n) {
       const float* image = x + n * g.h * g.w * g.c;
-      for (int64_t first = 0; first < g.oh; first += band_oh) {
-        const int64_t rows_out = std::min(band_oh, g.oh - first);
-        const int64_t rows_in = (rows_out - 1) * g.sh + K;
-        for (int64_t b = 0; b < rows_in; ++b) {
-          const int64_t r = first * g.sh + b - g.pt;  // The input row in band row b.
-          float* row = activated.data() + b * row_values + g.pl * g.c;
-          if (r < 0 || r >= g.h) {
-            std::fill(row, row + g.w * g.c, 0.0f);
-            continue;
-          }
-          const float* source = image + r * g.w * g.c;
-          for (int64_t q = 0; q < g.w * g.c; q += g.c) {
-            for (int64_t cb = 0; cb < g.c; cb += kLanes) {
-              Vec8 v = Load(source + q + cb) * Load(in.scale + cb) + Load(in.bias + cb);
-              Store(row + q + cb, in_act(v));
-            }
-          }
-        }
+      for (int64_t first = 0; first < g.oh; first += bands.band_oh) {
+        const int64_t rows_out = std::min(bands.band_oh, g.oh - first);
+        const int64_t rows_in =
+            ActivateBand<K>(g, bands, image, in, in_act, first, rows_out, activated.data());
         const Geometry band{1, rows_in, padded_w, g.c, K, K, rows_out, g.ow, g.sh, g.sw, 0, 0};
         ForwardImage<K>(band, all, activated.data(), nullptr, f,
                         y + (n * g.oh + first) * g.ow * g.c, [&](Vec8 acc, int64_t cb) {
@@ -231,6 +257,52 @@ void InferenceForward(ffi::ThreadPool& pool, const Geometry& g, const float* x, 
       }
     }
   });
+}
+
+// The filter gradient of depthwise(in_act(x * in_scale + in_bias)) (ops/norm_depthwise.py): the
+// activated input is recomputed band by band from the raw one, as the forward pass computed it,
+// instead of being kept in memory between the passes. K*K vector accumulators per channel block,
+// float32 per image, double across images, as FilterGradVectorized.
+template <int K, typename InActivation>
+void ActivatedFilterGrad(ffi::ThreadPool& pool, const Geometry& g, const float* x,
+                         const float* dy, const Affine& in, InActivation in_act, float* df) {
+  const Bands bands = MakeBands<K>(g);
+  const int64_t taps = K * K * g.c;
+  const int64_t chunks = mobilenet::NumChunks(pool, g.n);
+  std::vector<double> totals(chunks * taps, 0.0);
+  ForImages(pool, g.n, chunks, [&](int64_t lo, int64_t hi, int64_t t) {
+    std::vector<float> activated(bands.band_rows * bands.row_values, 0.0f);
+    std::vector<float> image_sums(taps);
+    double* total = totals.data() + t * taps;
+    for (int64_t n = lo; n < hi; ++n) {
+      std::fill(image_sums.begin(), image_sums.end(), 0.0f);
+      const float* image = x + n * g.h * g.w * g.c;
+      for (int64_t first = 0; first < g.oh; first += bands.band_oh) {
+        const int64_t rows_out = std::min(bands.band_oh, g.oh - first);
+        ActivateBand<K>(g, bands, image, in, in_act, first, rows_out, activated.data());
+        for (int64_t cb = 0; cb < g.c; cb += kLanes) {
+          Vec8 acc[K * K];
+          for (int k = 0; k < K * K; ++k) acc[k] = Load(image_sums.data() + k * g.c + cb);
+          for (int64_t i = 0; i < rows_out; ++i) {
+            const float* window_rows = activated.data() + i * g.sh * bands.row_values + cb;
+            const float* grad = dy + ((n * g.oh + first + i) * g.ow) * g.c + cb;
+            for (int64_t j = 0; j < g.ow; ++j) {
+              const Vec8 d = Load(grad + j * g.c);
+              const float* window = window_rows + j * g.sw * g.c;
+              for (int a = 0; a < K; ++a) {
+                for (int b = 0; b < K; ++b) {
+                  acc[a * K + b] += Load(window + a * bands.row_values + b * g.c) * d;
+                }
+              }
+            }
+          }
+          for (int k = 0; k < K * K; ++k) Store(image_sums.data() + k * g.c + cb, acc[k]);
+        }
+      }
+      for (int64_t k = 0; k < taps; ++k) total[k] += image_sums[k];
+    }
+  });
+  mobilenet::SumChunks(totals, chunks, taps, df);
 }
 
 // Input gradient at stride 1, K x K: the forward correlation of dy with the
@@ -403,6 +475,19 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return ffi::Error::Success();
 }
 
+// Checks the shape and activation kinds the fused kernels support.
+ffi::Error CheckFused(const Geometry& g, std::initializer_list<int32_t> kinds) {
+  if (!VectorizedShape(g)) {
+    return ffi::Error::InvalidArgument("needs a 3x3 or 5x5 filter over a multiple of 8 channels");
+  }
+  for (int32_t kind : kinds) {
+    if (kind != kClip && kind != kHardSwish) {
+      return ffi::Error::InvalidArgument("unknown activation kind");
+    }
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error InferenceForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                 ffi::Buffer<ffi::F32> f, ffi::Buffer<ffi::F32> in_scale,
                                 ffi::Buffer<ffi::F32> in_bias, ffi::Buffer<ffi::F32> out_scale,
@@ -411,14 +496,8 @@ ffi::Error InferenceForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                 float in_lo, float in_hi, int32_t out_kind, float out_lo,
                                 float out_hi) {
   Geometry g = MakeGeometry(x.dimensions(), f.dimensions(), y->dimensions(), sh, sw, pt, pl);
-  if (!VectorizedShape(g)) {
-    return ffi::Error::InvalidArgument("needs a 3x3 or 5x5 filter over a multiple of 8 channels");
-  }
-  for (int32_t kind : {in_kind, out_kind}) {
-    if (kind != kClip && kind != kHardSwish) {
-      return ffi::Error::InvalidArgument("unknown activation kind");
-    }
-  }
+  ffi::Error error = CheckFused(g, {in_kind, out_kind});
+  if (error.failure()) return error;
   const Affine in{in_scale.typed_data(), in_bias.typed_data(), in_kind, in_lo, in_hi};
   const Affine out{out_scale.typed_data(), out_bias.typed_data(), out_kind, out_lo, out_hi};
   WithFilterSize(g, [&](auto k) {
@@ -427,6 +506,24 @@ ffi::Error InferenceForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         InferenceForward<decltype(k)::value>(pool, g, x.typed_data(), f.typed_data(), in, in_act,
                                              out, out_act, y->typed_data());
       });
+    });
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error ActivatedFilterGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                   ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> in_scale,
+                                   ffi::Buffer<ffi::F32> in_bias, ffi::ResultBuffer<ffi::F32> df,
+                                   int64_t sh, int64_t sw, int64_t pt, int64_t pl, int32_t in_kind,
+                                   float in_lo, float in_hi) {
+  Geometry g = MakeGeometry(x.dimensions(), df->dimensions(), dy.dimensions(), sh, sw, pt, pl);
+  ffi::Error error = CheckFused(g, {in_kind});
+  if (error.failure()) return error;
+  const Affine in{in_scale.typed_data(), in_bias.typed_data(), in_kind, in_lo, in_hi};
+  WithFilterSize(g, [&](auto k) {
+    WithActivation(in, [&](auto in_act) {
+      ActivatedFilterGrad<decltype(k)::value>(pool, g, x.typed_data(), dy.typed_data(), in, in_act,
+                                              df->typed_data());
     });
   });
   return ffi::Error::Success();
@@ -486,3 +583,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseInferenceForward, InferenceForwardImpl,
                                   .Attr<int32_t>("out_kind")
                                   .Attr<float>("out_lo")
                                   .Attr<float>("out_hi"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseActivatedFilterGrad, ActivatedFilterGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<int32_t>("in_kind")
+                                  .Attr<float>("in_lo")
+                                  .Attr<float>("in_hi"));

@@ -40,6 +40,7 @@ TARGETS = {
     'mobilenet_depthwise_input_grad': 'DepthwiseInputGrad',
     'mobilenet_depthwise_filter_grad': 'DepthwiseFilterGrad',
     'mobilenet_depthwise_inference': 'DepthwiseInferenceForward',
+    'mobilenet_depthwise_activated_filter_grad': 'DepthwiseActivatedFilterGrad',
     'mobilenet_batch_norm_stats': 'BatchNormStats',
     'mobilenet_batch_norm_apply': 'BatchNormApply',
     'mobilenet_batch_norm_backward_sums': 'BatchNormBackwardSums',

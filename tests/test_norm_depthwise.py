@@ -1,0 +1,135 @@
+"""Training-mode BatchNorm + activation fused into the depthwise layer computes the two layers' function."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mobilenet.models import blocks
+from mobilenet.ops import batch_norm, depthwise, norm_depthwise, op_sets
+from mobilenet.ops.cpu import kernels as cpu_kernels
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason='needs a C++ compiler')
+
+
+def relative_l2(have, want) -> float:
+  want = np.asarray(want, np.float64)
+  return float(np.linalg.norm(np.asarray(have, np.float64) - want) / np.linalg.norm(want))
+
+
+def two_layers(x, scale, bias, kernel, activation, strides, epsilon=1e-3):
+  """The definition in plain XLA: training-mode BatchNorm, the activation, the depthwise layer."""
+  mean, var = jnp.mean(x, (0, 1, 2)), jnp.var(x, (0, 1, 2))
+  activated = activation((x - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias)
+  y = depthwise.depthwise_conv(activated, kernel, strides=strides, implementation='xla')
+  return y, mean, var
+
+
+def fused(x, scale, bias, kernel, activation, strides, epsilon=1e-3):
+  after = norm_depthwise.DepthwiseAfter(kernel, strides, 'SAME', 'cpu_kernel')
+  assert after.fuses(x, activation)
+  return after.fused_train(x, scale, bias, epsilon, activation)
+
+
+@needs_kernels
+@pytest.mark.parametrize('size,channels,activation,spatial', [
+    (3, 16, jax.nn.relu6, (9, 8)),  # MobileNetV2.
+    (3, 24, jax.nn.hard_swish, (8, 7)),  # MobileNetV3's 3x3 layers.
+    (5, 8, jax.nn.relu, (9, 9)),  # ... and its 5x5 ones.
+    (5, 16, batch_norm.identity, (4, 4)),  # A map no wider than the filter.
+    # Rows too wide for one band in L2: the image is taken in bands, forward and backward.
+    (3, 64, jax.nn.relu6, (70, 64)),
+    (5, 64, jax.nn.hard_swish, (67, 64)),
+])
+def test_fused_training_matches_the_two_layers(size, channels, activation, spatial):
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(0.5, 2.0, size=(3, *spatial, channels)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(size, size, 1, channels)), jnp.float32)
+  scale = jnp.asarray(rng.uniform(0.5, 1.5, channels), jnp.float32)
+  bias = jnp.asarray(rng.normal(0.0, 0.5, channels), jnp.float32)
+  # A cotangent for every output, so each gradient sums over all of them.
+  weights = jnp.asarray(rng.normal(size=(3, *spatial, channels)), jnp.float32)
+  for strides in ((1, 1), (2, 2)):
+    have, want = (f(x, scale, bias, kernel, activation, strides) for f in (fused, two_layers))
+    assert np.std(want[0]) > 0.1  # The activations were not all clipped away.
+    for h, w in zip(have, want):
+      np.testing.assert_allclose(h, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))))
+
+    def loss(f, *args):
+      y = f(*args, activation, strides)[0]
+      return jnp.sum(y * weights[:, :y.shape[1], :y.shape[2]])
+
+    have, want = (jax.grad(loss, argnums=(1, 2, 3, 4))(f, x, scale, bias, kernel)
+                  for f in (fused, two_layers))
+    for name, h, w in zip(('x', 'scale', 'bias', 'kernel'), have, want):
+      assert relative_l2(h, w) < 1e-4, (name, strides, relative_l2(h, w))
+  # The kernels, not an XLA fallback, computed the gradients.
+  hlo = jax.jit(jax.value_and_grad(loss, argnums=(1, 4)), static_argnums=0).lower(
+      fused, x, scale, bias, kernel).as_text()
+  assert 'mobilenet_depthwise_activated_filter_grad' in hlo
+  assert 'mobilenet_depthwise_inference' in hlo
+  assert 'mobilenet_batch_norm_apply' not in hlo  # The activated input is never written.
+
+
+@needs_kernels
+def test_fusion_refuses_what_the_kernels_do_not_compute():
+  x = jnp.zeros((2, 8, 8, 16))
+  kernel3, kernel7 = jnp.zeros((3, 3, 1, 16)), jnp.zeros((7, 7, 1, 16))
+  assert norm_depthwise.DepthwiseAfter(kernel3, (1, 1), 'SAME', 'auto').fuses(x, jax.nn.relu6)
+  assert not norm_depthwise.DepthwiseAfter(kernel7, (1, 1), 'SAME', 'auto').fuses(x, jax.nn.relu6)
+  assert not norm_depthwise.DepthwiseAfter(kernel3, (1, 1), 'SAME', 'shifted').fuses(
+      x, jax.nn.relu6)
+  assert not norm_depthwise.DepthwiseAfter(kernel3, (1, 1), 'SAME', 'auto').fuses(
+      x.astype(jnp.bfloat16), jax.nn.relu6)
+  assert not norm_depthwise.DepthwiseAfter(kernel3, (1, 1), 'SAME', 'auto').fuses(x, nn.gelu)
+  x12 = jnp.zeros((2, 8, 8, 12))  # Not a multiple of 8 channels.
+  assert not norm_depthwise.DepthwiseAfter(jnp.zeros((3, 3, 1, 12)), (1, 1), 'SAME', 'auto').fuses(
+      x12, jax.nn.relu6)
+
+
+class Block(nn.Module):
+  """One inverted residual block built with an op set, in training mode."""
+  ops: str
+  activation: str
+  kernel_size: int
+  strides: int
+
+  @nn.compact
+  def __call__(self, x):
+    ops = op_sets.op_set(self.ops, train=True)
+    return blocks.InvertedResidual(
+        features=16, kernel_size=self.kernel_size, strides=self.strides,
+        activation=self.activation, conv=ops.conv, norm=ops.norm, expanded_features=48,
+        se_features=8 if self.activation == 'hard_swish' else 0,
+        residual=self.strides == 1, name='block')(x)
+
+
+@needs_kernels
+@pytest.mark.parametrize('activation,kernel_size,strides', [
+    ('relu6', 3, 1), ('relu6', 3, 2), ('hard_swish', 5, 1)])
+def test_block_trains_as_with_the_plain_flax_layers(activation, kernel_size, strides):
+  x = jax.random.normal(jax.random.key(1), (4, 12, 12, 16))
+  plain, fast = (Block(ops, activation, kernel_size, strides) for ops in ('plain', 'fast'))
+  variables = plain.init(jax.random.key(0), x)
+  jax.tree.map(np.testing.assert_array_equal, variables, fast.init(jax.random.key(0), x))
+  weights = jax.random.normal(jax.random.key(2), plain.apply(variables, x,
+                                                             mutable=['batch_stats'])[0].shape)
+
+  def loss(model, params, images):
+    y, updates = model.apply({**variables, 'params': params}, images, mutable=['batch_stats'])
+    return jnp.sum(y * weights), updates['batch_stats']
+
+  grads = {}
+  for name, model in (('plain', plain), ('fast', fast)):
+    step = jax.jit(jax.grad(lambda p, i, m=model: loss(m, p, i), argnums=(0, 1), has_aux=True))
+    grads[name] = step(variables['params'], x)
+    if name == 'fast':  # The expansion's BatchNorm went into the depthwise kernel.
+      assert 'mobilenet_depthwise_activated_filter_grad' in step.lower(
+          variables['params'], x).as_text()
+  (fast_grads, fast_stats), (plain_grads, plain_stats) = grads['fast'], grads['plain']
+  errors = jax.tree.map(relative_l2, fast_grads, plain_grads)
+  # 1e-3: a BatchNorm scale's gradient sums terms of both signs; the unfused 'fast' layers differ
+  # from plain Flax's by ~1.5e-4 there too.
+  assert max(jax.tree.leaves(errors)) < 1e-3, errors
+  jax.tree.map(lambda h, w: np.testing.assert_allclose(h, w, rtol=1e-4, atol=1e-5), fast_stats,
+               plain_stats)
