@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobilenet.models import blocks
+from mobilenet.models import architectures, blocks
+from mobilenet.models.mobilenet import MobileNet
 from mobilenet.ops import batch_norm, depthwise, norm_depthwise, op_sets
 from mobilenet.ops.cpu import kernels as cpu_kernels
 
@@ -133,3 +134,23 @@ def test_block_trains_as_with_the_plain_flax_layers(activation, kernel_size, str
   assert max(jax.tree.leaves(errors)) < 1e-3, errors
   jax.tree.map(lambda h, w: np.testing.assert_allclose(h, w, rtol=1e-4, atol=1e-5), fast_stats,
                plain_stats)
+
+
+@needs_kernels
+def test_fused_training_false_runs_the_two_layers():
+  """config.model.fused_training=false: the same model as two layers (the A/B switch)."""
+  plan = architectures.plan('mobilenet_v2', width_multiplier=0.35, form='cifar')
+  images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  hlo = {}
+  for fused in (True, False):
+    model = MobileNet(plan=plan, num_classes=4, fused_training=fused)
+    variables = model.init(jax.random.key(0), images)
+
+    def loss(params, model=model, variables=variables):
+      logits, _ = model.apply({**variables, 'params': params}, images, train=True,
+                              mutable=['batch_stats'])
+      return jnp.sum(logits)
+
+    hlo[fused] = jax.jit(jax.grad(loss)).lower(variables['params']).as_text()
+  assert 'mobilenet_depthwise_activated_filter_grad' in hlo[True]
+  assert 'mobilenet_depthwise_activated_filter_grad' not in hlo[False]

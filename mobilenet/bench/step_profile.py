@@ -10,7 +10,10 @@ pass, `transpose(jvp(MobileNet))/block_03/depthwise/...`):
 - 'depthwise', 'pointwise', 'standard' (the stem and other dense k x k
   convolutions), 'dense' (classifier, pre-logits): the layers of
   counting.layer_specs, forward and backward;
-- 'batch_norm_activation': every BatchNorm with its activation;
+- 'batch_norm_activation': every BatchNorm with its activation, except a
+  V2/V3 expansion's when it is fused into the depthwise layer
+  (ops/norm_depthwise.py): that one runs inside the depthwise layer's call
+  and counts as 'depthwise';
 - 'squeeze_excite': V3's pooling, two dense layers and the rescale;
 - 'residual_and_glue': what a block does outside its layers (residual adds);
 - 'loss_optimizer_other': the loss, the optimizer update and the rest.

@@ -32,13 +32,15 @@ class MobileNet(nn.Module):
   dtype: Any = jnp.float32
   ops: str = 'fast'
   depthwise_implementation: str = 'auto'  # The 'fast' ops' depthwise kernel (ops/select.py).
+  fused_training: bool = True  # The 'fast' ops fuse BatchNorm into the depthwise layer it feeds.
 
   @nn.compact
   def __call__(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     ops = op_sets.op_set(self.ops, train=train, dtype=self.dtype,
                          batch_norm_momentum=self.batch_norm_momentum,
                          batch_norm_epsilon=self.batch_norm_epsilon,
-                         depthwise_implementation=self.depthwise_implementation)
+                         depthwise_implementation=self.depthwise_implementation,
+                         fused_training=self.fused_training)
     x = images.astype(self.dtype)
     for stage in self.plan.stages:
       x = self._block(stage, ops)(x)
@@ -83,4 +85,5 @@ def create_model(model_config: ml_collections.ConfigDict) -> MobileNet:
       batch_norm_epsilon=model_config.batch_norm_epsilon,
       dtype=DTYPES[model_config.dtype],
       ops=model_config.ops,
-      depthwise_implementation=model_config.depthwise_implementation)
+      depthwise_implementation=model_config.depthwise_implementation,
+      fused_training=model_config.fused_training)

@@ -91,6 +91,7 @@ class Conv(nn.Module):
   dtype: Any = jnp.float32
   kernel_init: Callable = conv_kernel_init
   depthwise_implementation: str = 'auto'
+  fuse_input_norm: bool = True  # A depthwise layer lets its input_norm compute both layers.
 
   @nn.compact
   def __call__(self, inputs: jnp.ndarray, input_norm: Any = None) -> jnp.ndarray:
@@ -105,7 +106,8 @@ class Conv(nn.Module):
     kernel = self.param('kernel', self.kernel_init,
                         (kh, kw, channels // self.feature_group_count, self.features), jnp.float32)
     kernel = kernel.astype(self.dtype)
-    if input_norm is not None and self.feature_group_count == channels == self.features:
+    if (input_norm is not None and self.fuse_input_norm
+        and self.feature_group_count == channels == self.features):
       return input_norm(inputs, then=norm_depthwise.DepthwiseAfter(
           kernel, strides, 'SAME', self.depthwise_implementation)).astype(self.dtype)
     if input_norm is not None:
@@ -132,7 +134,8 @@ class OpSet:
 
 
 def op_set(name: str, *, train: bool, dtype: Any = jnp.float32, batch_norm_momentum: float = 0.9,
-           batch_norm_epsilon: float = 1e-3, depthwise_implementation: str = 'auto') -> OpSet:
+           batch_norm_epsilon: float = 1e-3, depthwise_implementation: str = 'auto',
+           fused_training: bool = True) -> OpSet:
   """'plain' or 'fast' convolution and BatchNorm + activation modules, bound to the mode and dtype."""
   norm_settings = dict(use_running_average=not train, momentum=batch_norm_momentum,
                        epsilon=batch_norm_epsilon, dtype=dtype)
@@ -144,7 +147,8 @@ def op_set(name: str, *, train: bool, dtype: Any = jnp.float32, batch_norm_momen
   if name == 'fast':
     return OpSet(name,
                  conv=functools.partial(Conv, dtype=dtype,
-                                        depthwise_implementation=depthwise_implementation),
+                                        depthwise_implementation=depthwise_implementation,
+                                        fuse_input_norm=fused_training),
                  norm=functools.partial(batch_norm.BatchNormActivation, **norm_settings))
   if name == FOLDED:
     if train:

@@ -84,6 +84,10 @@ def base_config() -> ml_collections.ConfigDict:
   # model allows it (models/fused_inference.py: every architecture but Conv
   # MobileNet, float32, the fast ops on the CPU).
   config.model.fused_inference = True
+  # Train with each inverted residual block's expansion BatchNorm + activation
+  # computed inside the C++ depthwise kernel (ops/norm_depthwise.py: float32,
+  # the fast ops on the CPU); false: as two layers. Same function either way.
+  config.model.fused_training = True
   config.model.min_channels = 8  # Channels are max(int(c * alpha), min_channels).
   config.model.batch_norm_momentum = 0.9
   config.model.batch_norm_epsilon = 1e-3

@@ -45,7 +45,8 @@ _STATE_AND_DATA_SECTIONS = ('model.', 'input.')
 _STATE_AND_DATA_FIELDS = ('dataset', 'seed', 'batch_size', 'optimizer.name', 'ema_decay')
 # ... except these, which change how the same function is computed or fed; runs recorded
 # before a field existed compare as if they had its default.
-_IMPLEMENTATION_FIELDS = ('model.depthwise_implementation', 'model.fused_inference', 'model.ops',
+_IMPLEMENTATION_FIELDS = ('model.depthwise_implementation', 'model.fused_inference',
+                          'model.fused_training', 'model.ops',
                           'input.cache', 'input.prefetch_batches')
 
 # Held locks of this process, by workdir: prepare_workdir may be called again for it. A local
