@@ -7,13 +7,16 @@ flax's ResNet example passes `conv` and `norm`:
   convolution without bias and 'SAME' padding, with `nn.Conv`'s signature and
   its `kernel` parameter of shape (kh, kw, in / groups, features). A depthwise
   layer is `feature_group_count` = input channels, a pointwise one a 1x1.
+  Called as `conv(...)(x, input_norm=norm)` it convolves norm(x); the 'fast'
+  depthwise layer then lets the norm compute both layers as one operation in
+  training (ops/norm_depthwise.py; off with `fused_training=False`).
 - `norm(activation=..., name=...)`: BatchNorm followed by the activation (None:
   none), with `nn.BatchNorm`'s `scale`, `bias`, `mean` and `var`.
 
 `op_set(name)` returns the pair:
 
-- 'plain': `nn.Conv` and `nn.BatchNorm` themselves. The reference: what the
-  network means, on every backend.
+- 'plain': `nn.Conv` and `nn.BatchNorm` themselves (`PlainConv` only adds
+  `input_norm`). The reference: what the network means, on every backend.
 - 'fast': `Conv` and `batch_norm.BatchNormActivation` below. The same
   parameters (same shapes, names and initializers, so the same tree from the
   same seed) and the same function, computed per layer kind by the
