@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobilenet.ops import batch_norm, convolution, depthwise, pointwise
+from mobilenet.ops import batch_norm, convolution, depthwise, norm_depthwise, pointwise
 from mobilenet.ops.cpu import kernels as cpu_kernels
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -70,6 +70,8 @@ for name in ('mobilenet_v1', 'mobilenet_v2'):
     gathers = [line.strip()[:200] for line in hlo.splitlines() if 'all-gather' in line]
     assert not gathers, (name, gathers[:5])
     assert 'mobilenet_depthwise_forward' in hlo and 'mobilenet_batch_norm_stats' in hlo
+    if name == 'mobilenet_v2':  # The expansion's BatchNorm inside the depthwise kernel, sharded.
+      assert 'mobilenet_depthwise_activated_filter_grad' in hlo
     if devices > 1:
       assert 'all-reduce' in hlo  # The filter gradients' and statistics' partial sums.
     new_state, metrics = step(state, global_batch)
@@ -194,6 +196,25 @@ def test_batch_norm_training_vmapped_over_independent_batches():
   # Each batch's statistics are its own (not pooled over the vmapped axis).
   expected_mean = 0.9 * 0 + 0.1 * jnp.mean(batches, axis=(1, 2, 3))
   np.testing.assert_allclose(vmapped_stats['mean'], expected_mean, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_norm_depthwise_training_vmapped_over_independent_batches():
+  """BatchNorm fused into the depthwise layer (ops/norm_depthwise.py) under vmap: per batch."""
+  batches = 2 * _random((3, 4, 6, 6, 16), 1) + 0.5
+  params = (1 + 0.1 * _random((16,), 4), 0.1 * _random((16,), 5), _random((3, 3, 1, 16), 2))
+
+  def loss(params, x):
+    scale, bias, kernel = params
+    after = norm_depthwise.DepthwiseAfter(kernel, (1, 1), 'SAME', 'cpu_kernel')
+    y, mean, var = after.fused_train(x, scale, bias, 1e-3, jax.nn.relu6)
+    return jnp.sum(jnp.sin(y)), (mean, var)
+
+  grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
+  vmapped = jax.jit(jax.vmap(grad, in_axes=(None, 0)))(params, batches)
+  for index in range(batches.shape[0]):
+    for actual, expected in zip(jax.tree.leaves(jax.tree.map(lambda v: v[index], vmapped)),
+                                jax.tree.leaves(grad(params, batches[index]))):
+      np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize('strides', [(1, 1), (2, 2)])
