@@ -78,6 +78,9 @@ def test_batches_have_the_promised_shapes_and_ranges(mock, dataset, channels,
   assert 0 <= batch['label'].min() and batch['label'].max() < num_classes
   # Pixels in [0, 255] normalized with ImageNet/CIFAR statistics.
   assert -2.5 < batch['image'].min() < -1 and 1 < batch['image'].max() < 3
+  # What the trainer compiles its step for before any data is read.
+  assert input_pipeline.train_batch_shapes(config) == {
+      key: (value.shape, value.dtype) for key, value in batch.items()}
   assert abs(batch['image'].mean()) < 1
 
   eval_batches = list(input_pipeline.create_eval_iterator(config))
@@ -169,6 +172,40 @@ def test_imagenet_resumes_mid_epoch_and_pads_eval(mock):
     np.testing.assert_array_equal(a['label'], b['label'])
   batches = list(input_pipeline.create_eval_iterator(config))
   assert [b['mask'].sum() for b in batches] == [10, 10, 10, 7]
+
+
+@pytest.mark.parametrize('mock', [('cifar10', 300)], indirect=True)
+def test_background_decoding_gives_the_same_batches_and_its_errors(mock, monkeypatch):
+  config = _config('cifar10', mock)
+  expected = _take(input_pipeline.create_train_iterator(config, start_step=3), 2)
+  expected_eval = next(input_pipeline.create_eval_iterator(config))
+  input_pipeline.clear_cache()
+  input_pipeline.decode_in_background(config)
+  assert len(input_pipeline._decoding) == 2  # pylint: disable=protected-access
+  for got, want in zip(_take(input_pipeline.create_train_iterator(config, start_step=3), 2),
+                       expected):
+    np.testing.assert_array_equal(got['image'], want['image'])
+    np.testing.assert_array_equal(got['label'], want['label'])
+  np.testing.assert_array_equal(next(input_pipeline.create_eval_iterator(config))['image'],
+                                expected_eval['image'])
+  assert not input_pipeline._decoding  # pylint: disable=protected-access
+
+  # A failure on the thread surfaces where the split is used, as without it.
+  input_pipeline.clear_cache()
+
+  def damaged(*_):
+    raise errors.UserError('the dataset is damaged')
+
+  monkeypatch.setattr(input_pipeline, '_decode_split', damaged)
+  input_pipeline.decode_in_background(config)
+  with pytest.raises(errors.UserError, match='damaged'):
+    next(input_pipeline.create_train_iterator(config))
+
+  # Nothing to keep the result in, or a streamed dataset: nothing starts.
+  input_pipeline.clear_cache()
+  config.input.cache = False
+  input_pipeline.decode_in_background(config)
+  assert not input_pipeline._decoding  # pylint: disable=protected-access
 
 
 def test_pad_crop_flip_is_an_exact_shift_and_mirror():

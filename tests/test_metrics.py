@@ -7,6 +7,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from mobilenet import third_party_logs
@@ -114,6 +115,17 @@ def test_log_first_call_logs_compiling_once(caplog):
   assert lines[0] == 'Compiling the doubling (instant)...'
   assert lines[1].startswith('Compiled the doubling in ')
   assert len(lines) == 2 and len(calls) == 1  # Traced once, logged once.
+
+
+def test_compile_ahead_compiles_for_shapes_before_the_inputs_exist(caplog):
+  caplog.set_level(logging.INFO)
+  spec = jax.ShapeDtypeStruct((3,), jnp.float32)
+  double = metrics.compile_ahead(jax.jit(lambda x: 2 * x), (spec,), 'the doubling', 'instant')
+  assert log_lines(caplog)[0] == 'Compiling the doubling (instant)...'
+  assert log_lines(caplog)[1].startswith('Compiled the doubling in ')
+  np.testing.assert_array_equal(double(jnp.arange(3.0)), [0.0, 2.0, 4.0])
+  with pytest.raises(TypeError):  # Other shapes are refused, never compiled silently.
+    double(jnp.arange(4.0))
 
 
 def test_run_summary_names_results_outputs_and_the_eval_command(monkeypatch, tmp_path):

@@ -16,7 +16,6 @@ first training step.
 import dataclasses
 import functools
 import itertools
-import os
 import resource
 import statistics
 import time
@@ -28,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from mobilenet.ops import depthwise
+from mobilenet.training import metrics
 from mobilenet.models import fused_inference
 from mobilenet.models import mobilenet as model_lib
 
@@ -88,31 +88,14 @@ def _steps(config: ml_collections.ConfigDict):
   tx = optim.create_optimizer(config, schedule)
   image_shape = (config.model.resolution, config.model.resolution, config.input.channels)
   # Jitted, as train.py does: run eagerly, init dispatches (and compiles) op by op, 10x slower.
-  state = jax.jit(functools.partial(train_step_lib.create_train_state, model, tx, config,
-                                    image_shape))()
+  state = train_step_lib.run_once(jax.jit(functools.partial(
+      train_step_lib.create_train_state, model, tx, config, image_shape)))
   train_step = functools.partial(train_step_lib.train_step, model=model, tx=tx,
                                  schedule=schedule, config=config)
   apply_fn, _ = fused_inference.eval_apply(model, config.model.fused_inference)
   eval_step = functools.partial(train_step_lib.eval_step, apply_fn=apply_fn, config=config,
                                 use_ema=False)
   return state, train_step, eval_step
-
-
-def seconds_since_process_start() -> Optional[float]:
-  """Seconds since this process was created (Linux's /proc; None elsewhere).
-
-  The process, not the interpreter: the CLIs re-execute themselves once for
-  the malloc settings (malloc_tuning.py), which keeps the process and its
-  start time, so this is the time since the command was typed.
-  """
-  try:
-    with open('/proc/self/stat') as stat:
-      # Field 22, counted after the command name (which may hold spaces) closes with ')'.
-      start_ticks = int(stat.read().rsplit(')', 1)[1].split()[19])
-    with open('/proc/uptime') as uptime:
-      return float(uptime.read().split()[0]) - start_ticks / os.sysconf('SC_CLK_TCK')
-  except (OSError, ValueError, IndexError):
-    return None
 
 
 def _compile(fn, *args, donate_argnums=()):
@@ -171,13 +154,13 @@ def benchmark_setting(config: ml_collections.ConfigDict, setting: Setting, *, wa
 
   def run_train():
     nonlocal state
-    state, metrics = train(state, batch)
-    jax.block_until_ready(metrics)
+    state, step_metrics = train(state, batch)
+    jax.block_until_ready(step_metrics)
 
   start = time.perf_counter()
   run_train()
   first_train_step_s = time.perf_counter() - start
-  command_to_first_step_s = seconds_since_process_start() if first else None
+  command_to_first_step_s = metrics.seconds_since_process_start() if first else None
   evaluate, eval_lower_s, eval_xla_s, eval_bytes = _compile(eval_step, state, batch)
   train_s = median_seconds(run_train, max(warmup - 1, 0), steps)  # The first call warmed up too.
   eval_s = median_seconds(lambda: jax.block_until_ready(evaluate(state, batch)), warmup, steps)

@@ -27,6 +27,7 @@ the end with examples whose 'mask' is False.
 TensorFlow is imported only here (and in the other data modules), never by the
 model code, and it is kept off the GPUs, which belong to JAX.
 """
+import concurrent.futures
 import dataclasses
 import math
 import os
@@ -347,19 +348,62 @@ _decoded_splits: dict[tuple[str, str | None, str],
                       tuple[tf.Tensor, tf.Tensor]] = {}
 
 
+# Splits that decode_in_background started, under the same keys, until an
+# iterator takes them.
+_decoding: dict[tuple[str, str | None, str], concurrent.futures.Future] = {}
+_decoder = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='decode')
+
+
+def _split_key(config, split: str) -> tuple[str, str | None, str]:
+  return (config.dataset, config.data_dir, split)
+
+
+def decode_in_background(config) -> None:
+  """Starts decoding an in-memory dataset's train and eval splits on a thread.
+
+  The trainer calls it before initializing and compiling, which keep one core
+  busy with XLA, so the seconds of decoding overlap them instead of following;
+  the iterators then take the splits from the cache. A no-op without
+  config.input.cache (nothing would keep the result) and for streamed datasets.
+  A decoding error is raised where the split is first used, as without it.
+  """
+  spec = _spec(config)
+  if not (spec.in_memory and config.input.cache):
+    return
+  for split in ('train', spec.eval_split):
+    key = _split_key(config, split)
+    if key not in _decoded_splits and key not in _decoding:
+      _decoding[key] = _decoder.submit(_decode_split, config, split)
+
+
 def _load_split(config, split: str) -> tuple[tf.Tensor, tf.Tensor]:
   """The decoded split, from the in-memory cache when config.input.cache."""
   if not config.input.cache:
     return _decode_split(config, split)
-  key = (config.dataset, config.data_dir, split)
+  key = _split_key(config, split)
   if key not in _decoded_splits:
-    _decoded_splits[key] = _decode_split(config, split)
+    pending = _decoding.pop(key, None)
+    _decoded_splits[key] = pending.result() if pending else _decode_split(config, split)
   return _decoded_splits[key]
 
 
 def clear_cache() -> None:
   """Forgets the decoded splits (e.g. after the data dir's data changed)."""
+  for pending in _decoding.values():
+    pending.cancel() or pending.exception()  # Waits for one already running.
+  _decoding.clear()
   _decoded_splits.clear()
+
+
+def train_batch_shapes(config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """(shape, dtype) per key of the global train batch that the hosts' batches make up.
+
+  What create_train_iterator yields (per host, its rows), known before any data
+  is read: the trainer compiles its step for it while the data decodes.
+  """
+  image_shape = get_dataset_info(config).image_shape
+  return {'image': ((config.batch_size, *image_shape), np.dtype(np.float32)),
+          'label': ((config.batch_size,), np.dtype(np.int32))}
 
 
 def _in_memory_train(config, spec: _DatasetSpec, start_step: int

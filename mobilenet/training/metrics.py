@@ -170,6 +170,47 @@ def log_first_call(fn, what: str, expected: str):
   return wrapped
 
 
+def compile_ahead(jitted, args: tuple, what: str, expected: str):
+  """`jitted` lowered and compiled for `args` (arrays or jax.ShapeDtypeStructs), logged.
+
+  For a step whose inputs are not there yet (the first batch while the data
+  decodes): compiling now overlaps the wait. The result takes arrays of
+  exactly those shapes, dtypes and shardings.
+  """
+  if jax.process_index() == 0:
+    logging.info('Compiling %s (%s)...', what, expected)
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  if jax.process_index() == 0:
+    logging.info('Compiled %s in %.1f s', what, time.perf_counter() - start)
+  return compiled
+
+
+def seconds_since_process_start() -> float | None:
+  """Seconds since this process was created (Linux's /proc; None elsewhere).
+
+  The process, not the interpreter: the CLIs re-execute themselves once for
+  the malloc settings (malloc_tuning.py), which keeps the process and its
+  start time, so this is the time since the command was typed.
+  """
+  try:
+    with open('/proc/self/stat') as stat:
+      # Field 22, counted after the command name (which may hold spaces) closes with ')'.
+      start_ticks = int(stat.read().rsplit(')', 1)[1].split()[19])
+    with open('/proc/uptime') as uptime:
+      return float(uptime.read().split()[0]) - start_ticks / os.sysconf('SC_CLK_TCK')
+  except (OSError, ValueError, IndexError):
+    return None
+
+
+def log_start_up(first_step_result) -> None:
+  """Waits for the process's first training step and logs how long the command took to it."""
+  jax.block_until_ready(first_step_result)
+  age = seconds_since_process_start()
+  if age is not None and jax.process_index() == 0:
+    logging.info('First training step done %.1f s after the command started', age)
+
+
 def _shown_path(path: str | pathlib.Path) -> str:
   """`path` relative to the current folder when it is inside it (shorter to copy)."""
   if not storage.is_local(path):

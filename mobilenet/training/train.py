@@ -24,7 +24,7 @@ from mobilenet.errors import UserError
 from mobilenet.models import fused_inference
 from mobilenet.models.mobilenet import create_model
 from mobilenet.training.train_step import (DIVERGENCE_REASONS, TrainState, create_train_state,
-                                           eval_step, train_step)
+                                           eval_step, run_once, train_step)
 
 CONFIG_FILE = run_folder.CONFIG_FILE
 # Where checkpoints that a diverged run had saved go (kept, never deleted).
@@ -162,6 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   init_from.check_before_start(config, workdir)
   workdir = prepare_workdir(workdir, config)  # Last: everything before it changes no file.
 
+  input_pipeline.decode_in_background(config)  # Overlaps the init and compiles below.
   mesh = parallel.create_mesh()
   replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   model = create_model(config.model)
@@ -174,7 +175,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpoints = checkpointing.Checkpoints(workdir / 'checkpoints', config.keep_checkpoints)
   state = checkpoints.restore_latest(checkpointing.abstract_like(jax.eval_shape(init), replicated))
   if state is None:
-    state = metrics.log_first_call(init, 'the model initialization', 'seconds')()
+    state = metrics.log_first_call(functools.partial(run_once, init),
+                                   'the model initialization', 'seconds')()
     if config.init_from:
       state = init_from.initialize(state, config, tx, replicated)
   elif config.init_from:
@@ -195,11 +197,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                num_steps, steps_per_epoch, jax.device_count(), jax.process_count(),
                f'resuming at step {start_step}' if start_step else 'starting')
 
-  train_fn = metrics.log_first_call(jax.jit(
+  batch_spec = {key: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+                for key, (shape, dtype) in input_pipeline.train_batch_shapes(config).items()}
+  train_fn = metrics.compile_ahead(jax.jit(
       parallel.on_mesh(mesh, functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                                                config=config)),
       in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
-      donate_argnums=0), 'the training step', _COMPILE_TIME)
+      donate_argnums=0), (state, batch_spec), 'the training step', _COMPILE_TIME)
   apply_fn, eval_path = fused_inference.eval_apply(model, config.model.fused_inference)
   logging.info(eval_path)
   eval_fn = metrics.log_first_call(jax.jit(
@@ -240,6 +244,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     for step in range(start_step + 1, num_steps + 1):
       state, step_metrics = train_fn(state, parallel.global_batch(next(train_batches),
                                                                   batch_sharding))
+      if step == start_step + 1:
+        metrics.log_start_up(step_metrics)
       pending.append(step_metrics)
       progress.advance(step)
       last = step == num_steps

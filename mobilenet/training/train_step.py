@@ -42,6 +42,19 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
                   if config.ema_decay > 0 else None))
 
 
+# XLA options for programs that run once (the initialization): on the CPU its
+# optimization passes and LLVM's cost more compile time than they could ever
+# save at run time (docs/performance.md, "Start-up"). The values agree with the
+# optimized program's to an ulp or two, and are the same on every run.
+_RUN_ONCE_COMPILER_OPTIONS = {'cpu': {'xla_backend_optimization_level': 0}}
+
+
+def run_once(jitted: Callable[[], Any]) -> Any:
+  """Compiles `jitted` (a `jax.jit` of no arguments) for compile time, not speed, and runs it."""
+  options = _RUN_ONCE_COMPILER_OPTIONS.get(jax.default_backend(), {})
+  return jitted.lower().compile(compiler_options=options)()
+
+
 def ema_decay_at(step: jnp.ndarray, decay: float) -> jnp.ndarray:
   """The decay of the average's update after `step` steps: min(decay, (1 + step) / (10 + step)).
 
