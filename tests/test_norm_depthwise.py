@@ -154,3 +154,53 @@ def test_fused_training_false_runs_the_two_layers():
     hlo[fused] = jax.jit(jax.grad(loss)).lower(variables['params']).as_text()
   assert 'mobilenet_depthwise_activated_filter_grad' in hlo[True]
   assert 'mobilenet_depthwise_activated_filter_grad' not in hlo[False]
+
+
+@needs_kernels
+@pytest.mark.parametrize('name,alpha,fused_layers', [
+    ('mobilenet_v1', 0.25, 13),  # The stem's norm and each block's last, into the next block.
+    ('mobilenet_v2', 0.35, 17),  # 16 expansions, and the stem's norm into block_01.
+    ('mobilenet_v3_small', 0.5, 11),  # 10 expansions, and the stem's into block_01.
+    ('mobilenet_v3_large', 1.0, 14),  # 14 expansions; block_01 adds the stem's output back.
+])
+def test_norms_handed_across_blocks_train_as_the_layers_in_their_own_blocks(name, alpha,
+                                                                           fused_layers):
+  """A block's last norm, handed to the next block's depthwise layer (blocks.py): the same
+  gradients, the same updated statistics under the same names, as with fused_training=false."""
+  plan = architectures.plan(name, width_multiplier=alpha, form='cifar')
+  images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+  results, hlo = {}, {}
+  for fused_training in (True, False):
+    model = MobileNet(plan=plan, num_classes=5, fused_training=fused_training)
+    variables = model.init(jax.random.key(0), images)
+
+    def loss(params, model=model, variables=variables):
+      logits, updates = model.apply({**variables, 'params': params}, images, train=True,
+                                    mutable=['batch_stats'])
+      return jnp.sum(jnp.sin(logits)), updates['batch_stats']
+
+    step = jax.jit(jax.grad(loss, has_aux=True))
+    results[fused_training] = step(variables['params'])
+    hlo[fused_training] = step.lower(variables['params']).as_text()
+  assert hlo[True].count('mobilenet_depthwise_activated_filter_grad') == fused_layers
+  assert 'mobilenet_depthwise_activated_filter_grad' not in hlo[False]
+  assert jax.tree.structure(results[True]) == jax.tree.structure(results[False])
+  for have, want in zip(results[True], results[False]):  # Gradients, then statistics.
+    flat = [np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)]) for t in (have, want)]
+    assert relative_l2(*flat) < 1e-4  # Float rounding through up to 17 batch statistics.
+    # Leaf by leaf against the largest magnitude: some gradients are zero but for rounding
+    # (a BatchNorm's bias before another BatchNorm).
+    tolerance = 1e-4 * float(np.max(np.abs(flat[1])))
+    jax.tree.map(lambda h, w, t=tolerance: np.testing.assert_allclose(h, w, rtol=1e-3, atol=t),
+                 have, want)
+
+
+def test_a_block_with_an_expansion_or_residual_refuses_a_handed_norm():
+  ops = op_sets.op_set('plain', train=True)
+  norm = ops.norm(activation=nn.relu)
+  for expanded, residual in ((48, False), (0, True)):
+    block = blocks.InvertedResidual(features=16, kernel_size=3, strides=1, activation='relu',
+                                    conv=ops.conv, norm=ops.norm, expanded_features=expanded,
+                                    residual=residual)
+    with pytest.raises(ValueError, match='input_norm'):
+      block.init(jax.random.key(0), jnp.zeros((1, 8, 8, 16)), input_norm=norm)

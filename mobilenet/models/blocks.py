@@ -7,6 +7,13 @@ is `conv(...)(norm(x))`, a pair an op set may compute as one operation. A
 depthwise convolution is `conv(C, (k, k), feature_group_count=C)`: one k x k
 filter per input channel, k*k*C weights, where a standard convolution to N maps
 has k*k*C*N. A pointwise convolution is `conv(N, (1, 1))`: C*N weights.
+
+Across blocks, the same pairing: a block whose last BatchNorm feeds only the
+next block's depthwise layer (the stem before V1's first block, each V1 block
+before the next) may be called with `hand_off_norm=True` and return
+`(x, norm)`, its output before that norm and the norm itself; the builder
+passes them on as the next block's `input_norm`. The norm keeps its place
+(and parameters) in the block that owns it.
 """
 from typing import Any, Callable
 
@@ -19,6 +26,11 @@ ACTIVATIONS: dict[str, Callable] = {
     'relu': nn.relu, 'relu6': jax.nn.relu6, 'hard_swish': jax.nn.hard_swish}
 
 
+def finish(x: jnp.ndarray, norm: nn.Module, hand_off_norm: bool):
+  """A block's end: `norm(x)`, or `(x, norm)` for the next block to apply (see the docstring)."""
+  return (x, norm) if hand_off_norm else norm(x)
+
+
 class ConvNormActivation(nn.Module):
   """A k x k convolution -> BatchNorm -> activation: the stem, Conv MobileNet's blocks, V2/V3's last layer."""
   features: int
@@ -29,9 +41,9 @@ class ConvNormActivation(nn.Module):
   norm: ModuleDef
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, hand_off_norm: bool = False):
     x = self.conv(self.features, (self.kernel_size,) * 2, self.strides, name='conv')(x)
-    return self.norm(activation=ACTIVATIONS[self.activation], name='bn')(x)
+    return finish(x, self.norm(activation=ACTIVATIONS[self.activation], name='bn'), hand_off_norm)
 
 
 class DepthwiseSeparable(nn.Module):
@@ -44,14 +56,14 @@ class DepthwiseSeparable(nn.Module):
   norm: ModuleDef
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, input_norm: ModuleDef = None, hand_off_norm: bool = False):
     activation = ACTIVATIONS[self.activation]
     channels = x.shape[-1]
     x = self.conv(channels, (self.kernel_size,) * 2, self.strides, feature_group_count=channels,
-                  name='depthwise')(x)
+                  name='depthwise')(x, input_norm=input_norm)
     x = self.norm(activation=activation, name='depthwise_bn')(x)
     x = self.conv(self.features, (1, 1), name='pointwise')(x)
-    return self.norm(activation=activation, name='pointwise_bn')(x)
+    return finish(x, self.norm(activation=activation, name='pointwise_bn'), hand_off_norm)
 
 
 class SqueezeExcite(nn.Module):
@@ -88,17 +100,22 @@ class InvertedResidual(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, inputs: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, inputs: jnp.ndarray, input_norm: ModuleDef = None) -> jnp.ndarray:
+    """`input_norm`: the previous block's last norm, still to apply (only without an expansion
+    and a residual, where the depthwise layer is the input's one reader)."""
+    if input_norm is not None and (self.expanded_features or self.residual):
+      raise ValueError('an input_norm needs a block that starts with its depthwise layer and '
+                       'adds no residual')
     activation = ACTIVATIONS[self.activation]
     x = inputs
     if self.expanded_features:
       x = self.conv(self.expanded_features, (1, 1), name='expand')(x)
       # The expansion's BatchNorm + activation goes to the depthwise layer as its `input_norm`:
       # the same as applying it first, but an op set may compute the two as one operation.
-      expand_norm = self.norm(activation=activation, name='expand_bn')
+      input_norm = self.norm(activation=activation, name='expand_bn')
     channels = x.shape[-1]
     x = self.conv(channels, (self.kernel_size,) * 2, self.strides, feature_group_count=channels,
-                  name='depthwise')(x, input_norm=expand_norm if self.expanded_features else None)
+                  name='depthwise')(x, input_norm=input_norm)
     x = self.norm(activation=activation, name='depthwise_bn')(x)
     if self.se_features:
       x = SqueezeExcite(self.se_features, dtype=self.dtype, name='se')(x)

@@ -41,9 +41,20 @@ class MobileNet(nn.Module):
                          batch_norm_epsilon=self.batch_norm_epsilon,
                          depthwise_implementation=self.depthwise_implementation,
                          fused_training=self.fused_training)
-    x = images.astype(self.dtype)
-    for stage in self.plan.stages:
-      x = self._block(stage, ops)(x)
+    x, pending_norm = images.astype(self.dtype), None
+    for stage, following in zip(self.plan.stages, self.plan.stages[1:] + (None,)):
+      # In training, a block's last norm that feeds only the next block's depthwise layer is
+      # handed to that layer (blocks.py), which the fast ops fuse with it: the activated tensor
+      # between the blocks is then never stored. Inference keeps each norm in its block.
+      hand_off = (train and self.fused_training and following is not None
+                  and reads_input_only_in_depthwise(following))
+      block, extra = self._block(stage, ops), {}
+      if pending_norm is not None:
+        extra['input_norm'] = pending_norm
+      if hand_off:
+        extra['hand_off_norm'] = True
+      x = block(x, **extra)
+      x, pending_norm = x if hand_off else (x, None)
     x = jnp.mean(x, axis=(1, 2))
     if self.plan.pre_logits_channels:
       x = nn.Dense(self.plan.pre_logits_channels, dtype=self.dtype, name='pre_logits')(x)
@@ -63,6 +74,12 @@ class MobileNet(nn.Module):
     return blocks.InvertedResidual(
         **common, expanded_features=stage.expanded_channels, se_features=stage.se_channels,
         residual=stage.residual, dtype=self.dtype)
+
+
+def reads_input_only_in_depthwise(stage: architectures.Stage) -> bool:
+  """Whether `stage` starts with its depthwise layer and uses its input nowhere else."""
+  return stage.kind == 'separable' or (stage.kind == 'inverted_residual'
+                                       and not stage.expanded_channels and not stage.residual)
 
 
 def model_plan(model_config: ml_collections.ConfigDict,
