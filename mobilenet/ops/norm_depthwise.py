@@ -2,9 +2,12 @@
 
 In MobileNetV2/V3's inverted residual block the expansion's BatchNorm +
 activation produces the block's largest tensor: the expanded channels at the
-block's input resolution. As two layers, that tensor is written by the
-BatchNorm's apply pass, read back by the depthwise convolution and kept until
-the backward pass for the depthwise filter gradient. Here it never exists:
+block's input resolution; in MobileNetV1 each block's last BatchNorm + ReLU
+produces the tensor the next block's depthwise layer reads (as does the stem's
+before a first block without expansion). As two layers, that tensor is
+written by the BatchNorm's apply pass, read back by the depthwise convolution
+and kept until the backward pass for the depthwise filter gradient. Here it
+never exists:
 
 - forward: the batch statistics of the raw input (one read), then the
   depthwise C++ kernel applies BatchNorm + activation to the raw input as it
@@ -19,7 +22,8 @@ statistics: the same values and gradients up to float32 rounding
 (tests/test_norm_depthwise.py checks both against the two layers and against
 plain Flax). Modules reach it through one mechanism: a convolution module
 called with the BatchNorm + activation before it (`conv(...)(x,
-input_norm=norm)`, models/blocks.py) hands the norm a `DepthwiseAfter`, and
+input_norm=norm)`, models/blocks.py; across blocks the builder passes a
+block's last norm on to the next) hands the norm a `DepthwiseAfter`, and
 the 'fast' BatchNorm module (ops/batch_norm.py) takes this path in training
 where `DepthwiseAfter.fuses` says the kernels apply; everywhere else the two
 layers run one after the other.

@@ -84,9 +84,11 @@ def base_config() -> ml_collections.ConfigDict:
   # model allows it (models/fused_inference.py: every architecture but Conv
   # MobileNet, float32, the fast ops on the CPU).
   config.model.fused_inference = True
-  # Train with each inverted residual block's expansion BatchNorm + activation
-  # computed inside the C++ depthwise kernel (ops/norm_depthwise.py: float32,
-  # the fast ops on the CPU); false: as two layers. Same function either way.
+  # Train with every BatchNorm + activation that feeds only a depthwise layer
+  # (a V2/V3 expansion's, V1's between blocks, the stem's into a first block
+  # without expansion) computed inside the C++ depthwise kernel
+  # (ops/norm_depthwise.py: float32, the fast ops on the CPU); false: as two
+  # layers. Same function and parameters either way.
   config.model.fused_training = True
   config.model.min_channels = 8  # Channels are max(int(c * alpha), min_channels).
   config.model.batch_norm_momentum = 0.9
