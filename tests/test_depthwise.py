@@ -74,6 +74,12 @@ CASES = [
     (9, 8, 2, (2, 1), 'VALID', 3),
     (6, 8, 1, (1, 2), ((2, 0), (1, 1)), 3),
     (5, 8, 1, (1, 1), ((3, 1), (0, 2)), 3),  # Padding beyond the filter: general input gradient.
+    # Stride 2 both ways (the downsampling layers); even sizes pad only below and right.
+    (8, 16, 1, (2, 2), 'SAME', 3),
+    (7, 8, 1, (2, 2), ((2, 0), (1, 1)), 3),
+    (6, 8, 1, (2, 2), ((4, 1), (0, 3)), 3),  # Padding beyond the filter.
+    (10, 8, 1, (2, 2), 'SAME', 5),
+    (2, 8, 1, (2, 2), 'SAME', 5),  # Narrower than the filter.
     (1, 8, 1, (1, 1), 'SAME', 3),  # Narrower than the filter: no interior columns.
     # ... and with a 5x5 filter (MobileNetV3).
     (9, 8, 1, (1, 1), 'SAME', 5),
