@@ -137,26 +137,6 @@ def test_block_trains_as_with_the_plain_flax_layers(activation, kernel_size, str
 
 
 @needs_kernels
-def test_fused_training_false_runs_the_two_layers():
-  """config.model.fused_training=false: the same model as two layers (the A/B switch)."""
-  plan = architectures.plan('mobilenet_v2', width_multiplier=0.35, form='cifar')
-  images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
-  hlo = {}
-  for fused in (True, False):
-    model = MobileNet(plan=plan, num_classes=4, fused_training=fused)
-    variables = model.init(jax.random.key(0), images)
-
-    def loss(params, model=model, variables=variables):
-      logits, _ = model.apply({**variables, 'params': params}, images, train=True,
-                              mutable=['batch_stats'])
-      return jnp.sum(logits)
-
-    hlo[fused] = jax.jit(jax.grad(loss)).lower(variables['params']).as_text()
-  assert 'mobilenet_depthwise_activated_filter_grad' in hlo[True]
-  assert 'mobilenet_depthwise_activated_filter_grad' not in hlo[False]
-
-
-@needs_kernels
 @pytest.mark.parametrize('name,alpha,fused_layers', [
     ('mobilenet_v1', 0.25, 13),  # The stem's norm and each block's last, into the next block.
     ('mobilenet_v2', 0.35, 17),  # 16 expansions, and the stem's norm into block_01.
@@ -165,8 +145,9 @@ def test_fused_training_false_runs_the_two_layers():
 ])
 def test_norms_handed_across_blocks_train_as_the_layers_in_their_own_blocks(name, alpha,
                                                                            fused_layers):
-  """A block's last norm, handed to the next block's depthwise layer (blocks.py): the same
-  gradients, the same updated statistics under the same names, as with fused_training=false."""
+  """A block's last norm, handed to the next block's depthwise layer (blocks.py), and an
+  expansion's, fused: the same gradients, the same updated statistics under the same names, as
+  with config.model.fused_training=false (the A/B switch), which runs the two layers."""
   plan = architectures.plan(name, width_multiplier=alpha, form='cifar')
   images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
   results, hlo = {}, {}

@@ -237,14 +237,18 @@ def get_dataset_info(config) -> DatasetInfo:
   """Returns the dataset's sizes and the preprocessed image shape (metadata only)."""
   spec = _spec(config)
   builder = _builder(config)
-  resolution = config.model.resolution
   return DatasetInfo(
       name=config.dataset,
       num_classes=builder.info.features['label'].num_classes,
       num_train_examples=_num_examples(builder, 'train'),
       num_eval_examples=_num_examples(builder, spec.eval_split),
-      image_shape=(resolution, resolution, config.input.channels),
+      image_shape=_image_shape(config),
   )
+
+
+def _image_shape(config) -> tuple[int, int, int]:
+  """The preprocessed image: every split is resized and converted to it (_normalize)."""
+  return (config.model.resolution, config.model.resolution, config.input.channels)
 
 
 def steps_per_epoch(config) -> int:
@@ -401,8 +405,7 @@ def train_batch_shapes(config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   What create_train_iterator yields (per host, its rows), known before any data
   is read: the trainer compiles its step for it while the data decodes.
   """
-  image_shape = get_dataset_info(config).image_shape
-  return {'image': ((config.batch_size, *image_shape), np.dtype(np.float32)),
+  return {'image': ((config.batch_size, *_image_shape(config)), np.dtype(np.float32)),
           'label': ((config.batch_size,), np.dtype(np.int32))}
 
 

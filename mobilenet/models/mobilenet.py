@@ -48,13 +48,12 @@ class MobileNet(nn.Module):
       # between the blocks is then never stored. Inference keeps each norm in its block.
       hand_off = (train and self.fused_training and following is not None
                   and reads_input_only_in_depthwise(following))
-      block, extra = self._block(stage, ops), {}
-      if pending_norm is not None:
-        extra['input_norm'] = pending_norm
+      block = self._block(stage, ops)
+      handed = {} if pending_norm is None else {'input_norm': pending_norm}
       if hand_off:
-        extra['hand_off_norm'] = True
-      x = block(x, **extra)
-      x, pending_norm = x if hand_off else (x, None)
+        x, pending_norm = block(x, hand_off_norm=True, **handed)
+      else:
+        x, pending_norm = block(x, **handed), None
     x = jnp.mean(x, axis=(1, 2))
     if self.plan.pre_logits_channels:
       x = nn.Dense(self.plan.pre_logits_channels, dtype=self.dtype, name='pre_logits')(x)
