@@ -20,6 +20,9 @@ import sys
 TUNABLES = ('glibc.malloc.hugetlb=1', 'glibc.malloc.mmap_max=0',
             'glibc.malloc.trim_threshold=4294967295')
 _MARKER = 'MOBILENET_MALLOC_TUNING'
+# GLIBC_TUNABLES as the process found it ('' when unset), so that child processes that are not
+# this project's (the PyTorch yardstick) can be started with the environment the user gave.
+_ORIGINAL = 'MOBILENET_ORIGINAL_GLIBC_TUNABLES'
 
 
 def tuned_environment(environ=None) -> dict:
@@ -29,8 +32,27 @@ def tuned_environment(environ=None) -> dict:
   names = {item.split('=')[0] for item in existing}
   # Settings the user gave win over ours.
   added = [item for item in TUNABLES if item.split('=')[0] not in names]
+  environ.setdefault(_ORIGINAL, environ.get('GLIBC_TUNABLES', ''))
   environ['GLIBC_TUNABLES'] = ':'.join(existing + added)
   environ[_MARKER] = 'applied'
+  return environ
+
+
+def untuned_environment(environ=None) -> dict:
+  """A copy of `environ` (default os.environ) with GLIBC_TUNABLES as it was before the re-exec.
+
+  For child processes that are not this project's: they would otherwise inherit
+  these settings (and run differently than their users run them).
+  """
+  environ = dict(os.environ if environ is None else environ)
+  if environ.get(_MARKER) != 'applied':
+    return environ
+  original = environ.pop(_ORIGINAL, '')
+  if original:
+    environ['GLIBC_TUNABLES'] = original
+  else:
+    environ.pop('GLIBC_TUNABLES', None)
+  del environ[_MARKER]
   return environ
 
 

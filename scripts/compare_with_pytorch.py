@@ -34,6 +34,13 @@ _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps per measurement.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per measurement; the median is kept.')
 _TORCH_PYTHON = flags.DEFINE_string('torch_python', str(torch_comparison.DEFAULT_TORCH_PYTHON),
                                     "The PyTorch environment's interpreter.")
+_TORCH_MALLOC = flags.DEFINE_enum(
+    'torch_malloc', 'as_installed', list(torch_comparison.TORCH_MALLOC),
+    "PyTorch's side with the malloc its users get (as_installed), with the glibc settings this "
+    "project's CLIs give themselves (tuned, mobilenet/malloc_tuning.py), or both, in the same "
+    'rounds.')
+_PROFILE = flags.DEFINE_bool('profile', False, 'Also profile each setting\'s training step on both '
+                             'sides and print milliseconds per kind of layer.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Also write OUTPUT.csv and OUTPUT.json.')
 
 
@@ -48,7 +55,8 @@ def main(argv):
   torch_comparison.compare(
       settings, threads=_THREADS.value, rounds=_ROUNDS.value, warmup=_WARMUP.value,
       steps=_STEPS.value, torch_python=pathlib.Path(_TORCH_PYTHON.value),
-      output=pathlib.Path(_OUTPUT.value) if _OUTPUT.value else None,
+      output=pathlib.Path(_OUTPUT.value) if _OUTPUT.value else None, profile=_PROFILE.value,
+      torch_malloc=_TORCH_MALLOC.value,
       log=lambda line: print(line, flush=True))
 
 

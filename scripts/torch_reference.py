@@ -4,6 +4,7 @@ r"""The PyTorch yardstick: the project's MobileNets in PyTorch eager, train and 
   .venv-torch/bin/python scripts/torch_reference.py --architecture mobilenet_v3_small --form imagenet \
       --resolution 224 --batch_size 16 --num_classes 1000 --threads 2
   .venv-torch/bin/python scripts/torch_reference.py --architecture mobilenet_v1 --counts_only
+  .venv-torch/bin/python scripts/torch_reference.py --architecture mobilenet_v2 --steps 3 --profile
 
 Runs in its own virtual environment (`bash scripts/setup_torch_reference.sh` makes .venv-torch) and
 imports torch alone: neither this project nor torchvision. `python3 scripts/compare_with_pytorch.py`
@@ -21,7 +22,9 @@ each where the project follows keras.applications, whose channel counts it repro
 The 'cifar' form keeps the stem at stride 1. Each convolution is followed by BatchNorm and its
 activation (none after the projection), the tensors are channels-last, the step is cross-entropy,
 backward and the project's optimizer (SGD + Nesterov, or RMSprop), with weight decay on the
-kernels except the depthwise ones, as the project's mask. Prints one JSON line.
+kernels except the depthwise ones, as the project's mask. Prints one JSON line; with --profile it
+also holds the training step's milliseconds per kind of layer under torch.profiler, in
+scripts/profile_step.py's kinds (`compare_with_pytorch.py --profile` puts the two side by side).
 """
 import argparse
 import json
@@ -203,6 +206,68 @@ def median_seconds(run, warmup, steps):
   return statistics.median(times)
 
 
+# The kinds of layer of the project's step profile (mobilenet/bench/step_profile.py), so the two
+# sides' profiles compare row by row.
+KINDS = ('depthwise', 'pointwise', 'standard', 'dense', 'batch_norm_activation', 'squeeze_excite',
+         'residual_and_glue', 'loss_optimizer_other')
+_NORM_ACTIVATION_OPS = ('batch_norm', 'relu', 'hardswish', 'hardtanh', 'threshold', 'clamp')
+
+
+def _convolution_kind(event):
+  """The kind of a convolution (forward or backward) from its input and weight shapes."""
+  shapes = [shape for shape in event.input_shapes if len(shape) == 4]
+  if len(shapes) < 2:
+    return 'loss_optimizer_other'
+  # Forward: (input, weight, ...); backward: (output gradient, input, weight, ...).
+  inputs, weight = (shapes[0], shapes[1]) if 'backward' not in event.name else (shapes[1], shapes[2])
+  if inputs[2] == inputs[3] == 1:
+    return 'squeeze_excite'  # V3's squeeze-excite layers are 1x1 convolutions on pooled maps.
+  if weight[1] == 1 and weight[0] == inputs[1] > 1:
+    return 'depthwise'
+  return 'pointwise' if weight[2] == weight[3] == 1 else 'standard'
+
+
+def _event_kind(event, has_squeeze_excite):
+  """The kind of layer a profiled operation belongs to: by its enclosing range and operation."""
+  node = event
+  while node is not None:
+    name = node.name
+    if name.startswith('Optimizer.'):  # torch.optim's own range around step() and zero_grad().
+      return 'loss_optimizer_other'
+    if name in ('aten::convolution', 'aten::convolution_backward'):
+      return _convolution_kind(node)
+    if 'hardsigmoid' in name:
+      return 'squeeze_excite'
+    if any(op in name for op in _NORM_ACTIVATION_OPS) and name.startswith('aten::'):
+      return 'batch_norm_activation'
+    if name in ('aten::addmm', 'aten::mm', 'aten::linear'):
+      return 'dense'
+    if has_squeeze_excite and name in ('aten::mul', 'aten::mean', 'aten::sum'):
+      return 'squeeze_excite'  # Its rescale and pooling (the head's one pooling is a sliver).
+    if name in ('aten::add', 'aten::add_') and node.cpu_parent is not None and \
+        node.cpu_parent.name.startswith('model_forward'):
+      return 'residual_and_glue'
+    node = node.cpu_parent
+  return 'loss_optimizer_other'
+
+
+def profile_kinds(train_step, steps, has_squeeze_excite):
+  """Milliseconds per step by kind of layer (every operation's own time, under torch.profiler),
+  and the profiled steps' wall time per step under 'step'."""
+  import torch
+  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                              record_shapes=True) as profiler:
+    start = time.perf_counter()
+    for _ in range(steps):
+      train_step()
+    wall_s = time.perf_counter() - start
+  totals = dict.fromkeys(KINDS, 0.0)
+  for event in profiler.events():
+    if event.self_cpu_time_total > 0:
+      totals[_event_kind(event, has_squeeze_excite)] += event.self_cpu_time_total / 1e3 / steps
+  return {'step': round(1e3 * wall_s / steps, 2), **{kind: round(ms, 2) for kind, ms in totals.items()}}
+
+
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -224,6 +289,9 @@ def parse_args(argv=None):
   parser.add_argument('--threads', type=int, default=2, help='torch.set_num_threads')
   parser.add_argument('--warmup', type=int, default=2, help='untimed steps')
   parser.add_argument('--steps', type=int, default=10, help='timed steps; the median is reported')
+  parser.add_argument('--profile', action='store_true',
+                      help='also profile the training step (torch.profiler) and add its operations\' '
+                      'milliseconds per step by kind of layer (scripts/profile_step.py\'s kinds)')
   parser.add_argument('--counts_only', action='store_true',
                       help='print the parameter counts and exit (no timing)')
   return parser.parse_args(argv)
@@ -252,7 +320,8 @@ def main(argv=None):
 
   def train_step():
     optimizer.zero_grad(set_to_none=True)
-    logits = model(images)
+    with torch.profiler.record_function('model_forward'):  # A no-op unless profiled.
+      logits = model(images)
     loss = F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing)
     loss.backward()
     optimizer.step()
@@ -277,6 +346,10 @@ def main(argv=None):
              eval_img_s=round(args.batch_size / eval_s, 1),
              train_step_ms=round(1e3 * train_s, 2), eval_step_ms=round(1e3 * eval_s, 2),
              first_train_step_s=round(first_step_s, 2))
+  if args.profile:
+    model.train()
+    row['profile_ms_per_step'] = profile_kinds(train_step, args.steps,
+                                               args.architecture.startswith('mobilenet_v3'))
   print(json.dumps(row), flush=True)
 
 

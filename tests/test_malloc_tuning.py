@@ -19,6 +19,15 @@ def test_tuned_environment_adds_settings_and_keeps_the_users():
   assert env['HOME'] == '/x'
 
 
+def test_untuned_environment_gives_back_what_the_process_found():
+  for found in ({}, {'GLIBC_TUNABLES': 'glibc.malloc.mmap_max=7'}):
+    tuned = malloc_tuning.tuned_environment({'HOME': '/x', **found})
+    assert 'glibc.malloc.hugetlb=1' in tuned['GLIBC_TUNABLES']
+    assert malloc_tuning.untuned_environment(tuned) == {'HOME': '/x', **found}
+  untouched = {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1', 'HOME': '/x'}  # Never tuned by us.
+  assert malloc_tuning.untuned_environment(untouched) == untouched
+
+
 def _run(script: str, **env):
   return subprocess.run([sys.executable, '-c', textwrap.dedent(script), 'arg1'], cwd=ROOT,
                         capture_output=True, text=True, timeout=60,

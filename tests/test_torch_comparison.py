@@ -4,13 +4,17 @@ The PyTorch side itself needs .venv-torch, which the project does not install;
 these tests cover everything the driver decides without it.
 """
 import csv
+import importlib.util
 import json
 import os
+import pathlib
 import subprocess
 import sys
+import types
 
 import pytest
 
+from mobilenet import malloc_tuning
 from mobilenet.bench import torch_comparison
 from mobilenet.errors import UserError
 
@@ -120,3 +124,94 @@ def test_the_cli_without_the_pytorch_environment_says_how_to_make_it(tmp_path):
   assert result.stderr.strip().splitlines() == [
       f'error: no PyTorch environment at {tmp_path}/python; create it with: '
       'bash scripts/setup_torch_reference.sh']
+
+
+def test_profile_commands_reach_both_sides_profilers():
+  setting = torch_comparison.Setting('cifar', 'mobilenet_v3_small', 0.5)
+  theirs = torch_comparison.torch_command(ROOT / '.venv-torch/bin/python', setting, threads=2,
+                                          warmup=1, steps=2, profile=True)
+  assert theirs[-1] == '--profile'
+  ours = torch_comparison.our_profile_command(setting, warmup=1, steps=2)
+  assert '--config.model.name=mobilenet_v3_small' in ours and '--config.batch_size=128' in ours
+  result = subprocess.run([*ours, '--only_check_args'], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_profile_table_puts_both_sides_kinds_side_by_side():
+  setting = torch_comparison.Setting('imagenet', 'mobilenet_v2', 1.0)
+  theirs = {'train_step_ms': 380.0, 'profile_ms_per_step': {
+      'step': 400.0, 'pointwise': 110.0, 'depthwise': 70.0, 'batch_norm_activation': 200.0}}
+  ours = {'step_ms': 250.0, 'kinds': [{'kind': 'pointwise', 'ms_per_step': 120.5},
+                                      {'kind': 'depthwise', 'ms_per_step': 80.25}]}
+  row = torch_comparison.profile_row(setting, theirs, ours)
+  assert row['torch_pointwise_ms'] == 110.0 and row['ours_pointwise_ms'] == 120.5
+  assert row['torch_squeeze_excite_ms'] == 0.0 and row['ours_batch_norm_activation_ms'] == 0.0
+  table = torch_comparison.format_profile_table([row])
+  assert '| imagenet | mobilenet_v2 | 1.0 | 400 / 250 | 110.0 / 120.5 | 70.0 / 80.2 | 200.0 / 0.0 |' \
+      in table
+
+
+def _torch_reference():
+  spec = importlib.util.spec_from_file_location('torch_reference', ROOT / 'scripts/torch_reference.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)  # Imports torch only inside its functions.
+  return module
+
+
+def test_the_pytorch_profile_gives_each_operation_the_kind_of_its_layer():
+  reference = _torch_reference()
+  event = lambda name, shapes=(), parent=None: types.SimpleNamespace(  # pylint: disable=unnecessary-lambda-assignment
+      name=name, input_shapes=[list(s) for s in shapes], cpu_parent=parent)
+  forward = event('model_forward')
+  # Forward convolutions: (input, weight, bias, ...); backward: (output gradient, input, weight, ...).
+  depthwise = event('aten::convolution', [(8, 96, 16, 16), (96, 1, 3, 3), ()], forward)
+  pointwise = event('aten::convolution', [(8, 16, 16, 16), (96, 16, 1, 1), ()], forward)
+  stem = event('aten::convolution', [(8, 3, 32, 32), (32, 3, 3, 3), ()], forward)
+  excite = event('aten::convolution', [(8, 96, 1, 1), (24, 96, 1, 1), (24,)], forward)
+  depthwise_backward = event('aten::convolution_backward',
+                             [(8, 96, 8, 8), (8, 96, 16, 16), (96, 1, 3, 3)])
+  kind = lambda e, se=True: reference._event_kind(e, se)  # pylint: disable=protected-access,unnecessary-lambda-assignment
+  assert kind(event('mkldnn_convolution', parent=depthwise)) == 'depthwise'
+  assert kind(event('aten::empty', parent=pointwise)) == 'pointwise'
+  assert kind(stem) == 'standard' and kind(excite) == 'squeeze_excite'
+  assert kind(event('aten::fill_', parent=depthwise_backward)) == 'depthwise'
+  assert kind(event('aten::native_batch_norm', parent=forward)) == 'batch_norm_activation'
+  assert kind(event('aten::hardswish_backward')) == 'batch_norm_activation'
+  assert kind(event('aten::hardsigmoid', parent=forward)) == 'squeeze_excite'
+  assert kind(event('aten::addmm', parent=forward)) == 'dense'
+  assert kind(event('aten::mul', parent=forward)) == 'squeeze_excite'
+  assert kind(event('aten::mul', parent=forward), se=False) == 'loss_optimizer_other'
+  assert kind(event('aten::add', parent=forward)) == 'residual_and_glue'
+  step = event('Optimizer.step#SGD.step')
+  assert kind(event('aten::add_', parent=event('aten::_foreach_add_', parent=step))) == \
+      'loss_optimizer_other'
+
+
+def test_pytorch_runs_with_the_malloc_its_users_have_unless_asked(monkeypatch):
+  tuned = malloc_tuning.tuned_environment({'HOME': '/x'})
+  monkeypatch.setattr(os, 'environ', tuned)
+  assert 'GLIBC_TUNABLES' not in torch_comparison.side_environment('torch')
+  assert 'glibc.malloc.mmap_max=0' in torch_comparison.side_environment('torch_tuned')['GLIBC_TUNABLES']
+  assert torch_comparison.side_environment('ours') == tuned
+  with pytest.raises(UserError, match='--torch_malloc=fast: choose from as_installed, tuned, both'):
+    torch_comparison.compare([], torch_python=pathlib.Path(sys.executable), torch_malloc='fast')
+
+
+def test_the_summary_gives_a_ratio_per_pytorch_side_measured():
+  setting = torch_comparison.Setting('cifar', 'mobilenet_v1', 1.0)
+  measurements = [
+      {'side': 'torch', 'round': 1, 'train_img_s': 100.0, 'eval_img_s': 500.0},
+      {'side': 'torch_tuned', 'round': 1, 'train_img_s': 125.0, 'eval_img_s': 500.0},
+      {'side': 'ours', 'round': 1, 'train_img_s': 150.0, 'eval_img_s': 750.0, 'train_compile_s': 3.0},
+  ]
+  row = torch_comparison.summarize(setting, {'params': 1, 'batch_stats': 1}, measurements)
+  assert (row['train_ratio'], row['train_ratio_vs_tuned']) == (1.5, 1.2)
+  assert (row['eval_ratio'], row['eval_ratio_vs_tuned']) == (1.5, 1.5)
+  header = torch_comparison.format_table([row]).splitlines()[0]
+  assert '| PyTorch train | PyTorch (tuned malloc) train | ours train | train ratio | train ratio vs tuned |' \
+      in header
+  only_tuned = torch_comparison.summarize(setting, {'params': 1, 'batch_stats': 1}, measurements[1:])
+  assert 'train_ratio' not in only_tuned and only_tuned['train_ratio_vs_tuned'] == 1.2
+  assert 'PyTorch train' not in torch_comparison.format_table([only_tuned]).replace(
+      'PyTorch (tuned malloc) train', '')
