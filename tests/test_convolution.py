@@ -12,7 +12,12 @@ from mobilenet.ops.cpu import kernels as cpu_kernels
                                             'cpu_kernel', 'auto'])
 @pytest.mark.parametrize('strides,size,channels,features',
                          [(1, 8, 3, 16), (2, 9, 3, 8), (2, 8, 5, 12), (1, 7, 1, 3), (2, 10, 3, 40),
-                          (1, 1, 3, 8), (1, 6, 2, 24)])
+                          (1, 1, 3, 8), (1, 6, 2, 24),
+                          # Rows longer than any of the kernel's passes (pixels or patch
+                          # positions at a time) with remainders, and one to eight 8-lane
+                          # channel vectors (8 to 64 output channels).
+                          (1, 34, 3, 32), (2, 40, 3, 16), (1, 21, 3, 24), (1, 20, 3, 48),
+                          (2, 36, 3, 64)])
 def test_standard_conv_implementations_match_xla(implementation, strides, size, channels,
                                                  features):
   rng = np.random.default_rng(size)
