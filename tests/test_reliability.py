@@ -185,6 +185,38 @@ def test_divergence_keeps_only_a_state_that_is_finite_and_evaluates(overrides,
   assert train.train_and_evaluate(config, str(workdir))['examples'] == 10_000
 
 
+def _guarded_state(small_params: int, large_params: int):
+  from mobilenet.training import train_step  # pylint: disable=g-import-not-at-top
+  leaves = {'small': np.ones(small_params, np.float32), 'large': np.ones(large_params, np.float32)}
+  return train_step.TrainState(step=np.int32(1), params=leaves, batch_stats={'mean': np.zeros(4)},
+                               opt_state=(np.int32(3), dict(leaves)), ema_params=None)
+
+
+@pytest.mark.parametrize('where', ['small', 'large'])
+def test_divergence_names_the_first_bad_part_of_a_step_in_small_and_large_leaves(where):
+  from mobilenet.training import train_step  # pylint: disable=g-import-not-at-top
+  # One leaf on each side of the size below which leaves are checked as one concatenated vector.
+  small, large = 3, 2 * train_step._SMALL_LEAF  # pylint: disable=protected-access
+  state = _guarded_state(small, large)
+  grads = jax.tree.map(np.zeros_like, state.params)
+  code = lambda loss, grads, state: int(train_step.divergence(np.float32(loss), grads, state, 10))
+  assert code(2.3, grads, state) == 0
+  assert code(np.nan, grads, state) == 1
+  assert code(1e4, grads, state) == 2
+  for bad in (np.nan, np.inf, 1e20):  # 1e20 squared leaves float32: the norm is infinite.
+    grads[where][-1] = bad
+    assert code(2.3, grads, state) == 3, bad
+    grads[where][-1] = 0
+  state.params[where][0] = np.inf
+  assert code(2.3, grads, state) == 4
+  state.params[where][0] = 1
+  state.opt_state[1][where][1] = np.nan
+  assert code(2.3, grads, state) == 4
+  state.opt_state[1][where][1] = 1
+  state.batch_stats['mean'][2] = np.nan
+  assert code(2.3, grads, state) == 5
+
+
 @pytest.mark.slow
 def test_eval_reports_a_state_with_non_finite_statistics_as_diverged(one_step_run, tmp_path):
   workdir = tmp_path / 'run'
