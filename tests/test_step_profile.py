@@ -31,6 +31,15 @@ def test_operations_go_to_the_layer_kind_that_emitted_them(op_name, kind):
   assert kinds == {'op.1': kind}
 
 
+def test_idle_time_is_the_span_of_the_operations_less_the_time_any_of_them_ran():
+  event = lambda name, start, duration: {'name': name, 'ts': start, 'dur': duration}
+  events = [event('op.1', 10, 5), event('wrapper', 0, 100), event('op.2', 12, 6),  # 10-18 covered
+            event('op.3', 20, 2), event('op.1', 30, 10), event('op.4', 32, 3)]  # 20-22, 30-40
+  operations = {'op.1', 'op.2', 'op.3', 'op.4'}
+  assert step_profile._idle_microseconds(events, operations) == 30 - 8 - 2 - 10  # pylint: disable=protected-access
+  assert step_profile._idle_microseconds(events, {'missing'}) == 0  # pylint: disable=protected-access
+
+
 @pytest.mark.slow
 def test_a_profiled_v3_step_has_time_in_every_kind_of_layer():
   config = config_base.base_config()
@@ -48,5 +57,6 @@ def test_a_profiled_v3_step_has_time_in_every_kind_of_layer():
   assert by_kind['pointwise']['gflop_s'] > 0 and by_kind['batch_norm_activation']['gflop_s'] is None
   # Operations can overlap on the cores but cannot take longer than the cores had.
   assert 0 < profile['operations_ms'] < 1.5 * profile['step_ms'] * os.cpu_count()
+  assert profile['operations_per_step'] > 100 and 0 < profile['idle_ms'] < profile['step_ms']
   table = step_profile.format_profile(profile, ceiling_gflop_s=100.0)
   assert 'of the 100 GFLOP/s matrix-product ceiling' in table and 'squeeze_excite' in table

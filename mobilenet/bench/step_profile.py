@@ -19,10 +19,13 @@ pass, `transpose(jvp(MobileNet))/block_03/depthwise/...`):
 - 'loss_optimizer_other': the loss, the optimizer update and the rest.
 
 Operations run on up to as many threads as there are cores, so the summed
-operation time can exceed the wall time; shares are of the summed time. Each
-kind's arithmetic (counting.py's mult-adds, times 3 for forward + both
-backward products) over its time gives its GFLOP/s, to compare with what a
-large matrix product reaches on the same machine (`matmul_ceiling`).
+operation time can exceed the wall time; shares are of the summed time. The
+step's operation count and the time in which none of them ran (`idle_ms`: the
+runtime dispatching the next one, Python calling the next step) say how much a
+step of many small operations loses between them. Each kind's arithmetic
+(counting.py's mult-adds, times 3 for forward + both backward products) over
+its time gives its GFLOP/s, to compare with what a large matrix product
+reaches on the same machine (`matmul_ceiling`).
 """
 import collections
 import glob
@@ -76,8 +79,8 @@ def _operation_kinds(hlo_text: str, config: ml_collections.ConfigDict) -> Dict[s
           for name, op_name in _INSTRUCTION.findall(hlo_text)}
 
 
-def _traced_operation_times(run, steps: int) -> Dict[str, float]:
-  """Summed microseconds per traced event name over `steps` calls of `run`."""
+def _traced_events(run, steps: int) -> List[Dict[str, Any]]:
+  """The complete ('X') events of a profiler trace of `steps` calls of `run`."""
   with tempfile.TemporaryDirectory() as folder:
     jax.profiler.start_trace(folder, create_perfetto_trace=True)
     try:
@@ -88,11 +91,35 @@ def _traced_operation_times(run, steps: int) -> Dict[str, float]:
     trace_file, = glob.glob(os.path.join(folder, '**', '*.trace.json.gz'), recursive=True)
     with gzip.open(trace_file) as stream:
       events = json.load(stream)['traceEvents']
+  return [event for event in events if event.get('ph') == 'X']
+
+
+def _operation_times(events: List[Dict[str, Any]]) -> Dict[str, float]:
+  """Summed microseconds per event name."""
   totals = collections.Counter()
   for event in events:
-    if event.get('ph') == 'X':
-      totals[event['name']] += float(event.get('dur', 0.0))
+    totals[event['name']] += float(event.get('dur', 0.0))
   return totals
+
+
+def _idle_microseconds(events: List[Dict[str, Any]], operations) -> float:
+  """Time between the first and last of the `operations` during which none of them ran.
+
+  The operations parallelize inside themselves (XLA's fusions and the C++
+  kernels split their loops over the cores), so one runs at a time; between
+  them the runtime dispatches the next (a few microseconds each) and, between
+  steps, Python calls the step again. That time shows up in no operation.
+  """
+  spans = sorted((float(event['ts']), float(event['ts']) + float(event.get('dur', 0.0)))
+                 for event in events if event['name'] in operations)
+  if not spans:
+    return 0.0
+  covered, end = 0.0, spans[0][0]
+  for start, stop in spans:
+    if stop > end:
+      covered += stop - max(start, end)
+      end = stop
+  return end - spans[0][0] - covered
 
 
 def _flops_per_image(config: ml_collections.ConfigDict) -> Dict[str, float]:
@@ -129,10 +156,12 @@ def profile_train_step(config: ml_collections.ConfigDict, *, warmup: int = 2,
     jax.block_until_ready(metrics)
 
   wall_s = benchmark.median_seconds(run, warmup, steps)
+  events = _traced_events(run, steps)
   per_kind = collections.Counter()
-  for name, micros in _traced_operation_times(run, steps).items():
+  for name, micros in _operation_times(events).items():
     if name in kinds:
       per_kind[kinds[name]] += micros / steps / 1e3
+  operations = sum(1 for event in events if event['name'] in kinds) / steps
   total_ms = sum(per_kind.values())
   flops = _flops_per_image(config)
   rows = []
@@ -146,7 +175,8 @@ def profile_train_step(config: ml_collections.ConfigDict, *, warmup: int = 2,
   return {'architecture': config.model.name, 'width_multiplier': config.model.width_multiplier,
           'resolution': config.model.resolution, 'batch_size': config.batch_size,
           'step_ms': round(1e3 * wall_s, 2), 'train_img_s': round(images_s, 1),
-          'operations_ms': round(total_ms, 2),
+          'operations_ms': round(total_ms, 2), 'operations_per_step': round(operations),
+          'idle_ms': round(_idle_microseconds(events, kinds) / steps / 1e3, 2),
           'model_gflop_s': round(sum(flops.values()) * images_s / 1e9, 1), 'kinds': rows}
 
 
@@ -154,7 +184,8 @@ def format_profile(profile: Dict[str, Any], ceiling_gflop_s: float = None) -> st
   """The profile as a text table, with the whole step's fraction of the ceiling when given."""
   head = (f"{profile['architecture']} alpha {profile['width_multiplier']} at "
           f"{profile['resolution']}, batch {profile['batch_size']}: step {profile['step_ms']} ms "
-          f"({profile['train_img_s']} img/s), operations {profile['operations_ms']} ms, "
+          f"({profile['train_img_s']} img/s), {profile['operations_per_step']} operations "
+          f"{profile['operations_ms']} ms, none running {profile['idle_ms']} ms, "
           f"model arithmetic {profile['model_gflop_s']} GFLOP/s")
   if ceiling_gflop_s:
     head += (f' = {profile["model_gflop_s"] / ceiling_gflop_s:.0%} of the {ceiling_gflop_s:.0f} '
