@@ -59,6 +59,12 @@ def test_fused_inference_matches_layer_by_layer(form, resolution, alpha, activat
     (3, 24, (jax.nn.hard_swish, jax.nn.relu), (9, 8)),  # A V3 block after a hard-swish one...
     (5, 8, (jax.nn.relu, jax.nn.hard_swish), (9, 8)),  # V3's 5x5 layers.
     (5, 16, (batch_norm.identity, jax.nn.hard_swish), (9, 8)),  # After a materialized input.
+    # Maps no larger than the filter (V3's last blocks and V1's at 32x32): only the taps that
+    # land on the image are taken.
+    (5, 24, (jax.nn.hard_swish, jax.nn.hard_swish), (2, 2)),
+    (5, 16, (jax.nn.relu, batch_norm.identity), (4, 3)),
+    (3, 32, (jax.nn.relu6, jax.nn.relu6), (2, 2)),
+    (3, 8, (jax.nn.relu, jax.nn.relu), (3, 1)),
     # Rows too wide for one band in L2: the image is taken in bands (three at stride 1).
     (3, 64, (jax.nn.relu6, jax.nn.relu6), (70, 64)),
     (5, 64, (jax.nn.relu, jax.nn.hard_swish), (67, 64)),

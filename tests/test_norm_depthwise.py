@@ -38,6 +38,8 @@ def fused(x, scale, bias, kernel, activation, strides, epsilon=1e-3):
     (3, 24, jax.nn.hard_swish, (8, 7)),  # MobileNetV3's 3x3 layers.
     (5, 8, jax.nn.relu, (9, 9)),  # ... and its 5x5 ones.
     (5, 16, batch_norm.identity, (4, 4)),  # A map no wider than the filter.
+    (5, 24, jax.nn.hard_swish, (2, 3)),  # Maps no larger than the filter: V3's last blocks,
+    (3, 32, jax.nn.relu6, (2, 2)),  # and V1's at 32x32 (only the taps on the image are taken).
     # Rows too wide for one band in L2: the image is taken in bands, forward and backward.
     (3, 64, jax.nn.relu6, (70, 64)),
     (5, 64, jax.nn.hard_swish, (67, 64)),

@@ -22,6 +22,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu_loops.h"
@@ -234,10 +235,68 @@ int64_t ActivateBand(const Geometry& g, const Bands& bands, const float* image, 
   return rows_in;
 }
 
+// Maps no larger than the filter (V3's 2x2 and 4x4 maps under 5x5 filters, V1's 2x2 under 3x3 in
+// the 32x32 form): there the padded band loop spends most of its K*K taps on padding (21 of 25
+// for every output of a 2x2 map), so each output takes only the taps that land on the image.
+// The image is activated once into a per-thread buffer; channels go 8 at a time, inner-most.
+bool SmallMap(const Geometry& g) { return g.h <= g.kh && g.w <= g.kw; }
+
+// The filter taps [first, last) of output position i that land inside an input of `size`.
+inline std::pair<int64_t, int64_t> InsideTaps(int64_t i, int64_t stride, int64_t pad, int64_t k,
+                                              int64_t size) {
+  const int64_t start = i * stride - pad;
+  return {std::max<int64_t>(0, -start), std::min<int64_t>(k, size - start)};
+}
+
+template <int K, typename InActivation, typename OutActivation>
+void InferenceSmallMap(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* f,
+                       const Affine& in, InActivation in_act, const Affine& out,
+                       OutActivation out_act, float* y) {
+  const int64_t values = g.h * g.w * g.c;
+  ForImages(pool, g.n, mobilenet::NumChunks(pool, g.n), [&](int64_t lo, int64_t hi, int64_t) {
+    std::vector<float> activated(values);
+    for (int64_t n = lo; n < hi; ++n) {
+      const float* image = x + n * values;
+      for (int64_t p = 0; p < values; p += g.c) {
+        for (int64_t cb = 0; cb < g.c; cb += kLanes) {
+          Store(activated.data() + p + cb,
+                in_act(Load(image + p + cb) * Load(in.scale + cb) + Load(in.bias + cb)));
+        }
+      }
+      float* output = y + n * g.oh * g.ow * g.c;
+      for (int64_t i = 0; i < g.oh; ++i) {
+        const auto [a0, a1] = InsideTaps(i, g.sh, g.pt, K, g.h);
+        for (int64_t j = 0; j < g.ow; ++j) {
+          const auto [b0, b1] = InsideTaps(j, g.sw, g.pl, K, g.w);
+          const float* corner = activated.data() + ((i * g.sh - g.pt) * g.w + j * g.sw - g.pl) * g.c;
+          float* result = output + (i * g.ow + j) * g.c;
+          // Summed in ForwardImage's order, per filter row and then the rows in turn, which the
+          // skipped taps (zeros there) do not change: the same floats as the band loop. The
+          // running total lives in the output row (in L1) between filter rows.
+          std::fill(result, result + g.c, 0.0f);
+          for (int64_t a = a0; a < a1; ++a) {
+            const float* row = corner + a * g.w * g.c;
+            const float* taps = f + a * K * g.c;
+            for (int64_t cb = 0; cb < g.c; cb += kLanes) {
+              Vec8 acc = {};
+              for (int64_t b = b0; b < b1; ++b) acc += Load(row + b * g.c + cb) * Load(taps + b * g.c + cb);
+              Store(result + cb, Load(result + cb) + acc);
+            }
+          }
+          for (int64_t cb = 0; cb < g.c; cb += kLanes) {
+            Store(result + cb, out_act(Load(result + cb) * Load(out.scale + cb) + Load(out.bias + cb)));
+          }
+        }
+      }
+    }
+  });
+}
+
 template <int K, typename InActivation, typename OutActivation>
 void InferenceForward(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* f,
                       const Affine& in, InActivation in_act, const Affine& out,
                       OutActivation out_act, float* y) {
+  if (SmallMap(g)) return InferenceSmallMap<K>(pool, g, x, f, in, in_act, out, out_act, y);
   const Bands bands = MakeBands<K>(g);
   const int64_t padded_w = bands.row_values / g.c;
   const Columns all{0, g.ow};
@@ -263,9 +322,61 @@ void InferenceForward(ffi::ThreadPool& pool, const Geometry& g, const float* x, 
 // activated input is recomputed band by band from the raw one, as the forward pass computed it,
 // instead of being kept in memory between the passes. K*K vector accumulators per channel block,
 // float32 per image, double across images, as FilterGradVectorized.
+// The same on maps no larger than the filter (SmallMap): only the taps that land on the image,
+// and images summed in float32 in groups of about as many products per tap as one 16x16 image
+// has, then in double. (Per image, the band loop's float-to-double sum over all K*K*C taps cost
+// more than the products: a 2x2 map has 4 outputs.)
+template <int K, typename InActivation>
+void ActivatedFilterGradSmallMap(ffi::ThreadPool& pool, const Geometry& g, const float* x,
+                                 const float* dy, const Affine& in, InActivation in_act,
+                                 float* df) {
+  const int64_t taps = K * K * g.c, values = g.h * g.w * g.c;
+  const int64_t group = std::max<int64_t>(1, 256 / (g.oh * g.ow));
+  const int64_t chunks = mobilenet::NumChunks(pool, g.n);
+  std::vector<double> totals(chunks * taps, 0.0);
+  ForImages(pool, g.n, chunks, [&](int64_t lo, int64_t hi, int64_t t) {
+    std::vector<float> activated(values);
+    std::vector<float> sums(taps);
+    double* total = totals.data() + t * taps;
+    for (int64_t n0 = lo; n0 < hi; n0 += group) {
+      std::fill(sums.begin(), sums.end(), 0.0f);
+      for (int64_t n = n0; n < std::min(n0 + group, hi); ++n) {
+        const float* image = x + n * values;
+        for (int64_t p = 0; p < values; p += g.c) {
+          for (int64_t cb = 0; cb < g.c; cb += kLanes) {
+            Store(activated.data() + p + cb,
+                  in_act(Load(image + p + cb) * Load(in.scale + cb) + Load(in.bias + cb)));
+          }
+        }
+        for (int64_t i = 0; i < g.oh; ++i) {
+          const auto [a0, a1] = InsideTaps(i, g.sh, g.pt, K, g.h);
+          for (int64_t j = 0; j < g.ow; ++j) {
+            const auto [b0, b1] = InsideTaps(j, g.sw, g.pl, K, g.w);
+            const float* corner =
+                activated.data() + ((i * g.sh - g.pt) * g.w + j * g.sw - g.pl) * g.c;
+            const float* grad = dy + ((n * g.oh + i) * g.ow + j) * g.c;
+            for (int64_t a = a0; a < a1; ++a) {
+              for (int64_t b = b0; b < b1; ++b) {
+                const float* in_row = corner + (a * g.w + b) * g.c;
+                float* sum = sums.data() + (a * K + b) * g.c;
+                for (int64_t cb = 0; cb < g.c; cb += kLanes) {
+                  Store(sum + cb, Load(sum + cb) + Load(in_row + cb) * Load(grad + cb));
+                }
+              }
+            }
+          }
+        }
+      }
+      for (int64_t k = 0; k < taps; ++k) total[k] += sums[k];
+    }
+  });
+  mobilenet::SumChunks(totals, chunks, taps, df);
+}
+
 template <int K, typename InActivation>
 void ActivatedFilterGrad(ffi::ThreadPool& pool, const Geometry& g, const float* x,
                          const float* dy, const Affine& in, InActivation in_act, float* df) {
+  if (SmallMap(g)) return ActivatedFilterGradSmallMap<K>(pool, g, x, dy, in, in_act, df);
   const Bands bands = MakeBands<K>(g);
   const int64_t taps = K * K * g.c;
   const int64_t chunks = mobilenet::NumChunks(pool, g.n);
