@@ -35,3 +35,19 @@ def test_the_first_row_says_how_long_the_command_took_to_its_first_step():
   assert line.startswith(f'start-up: {first["command_to_first_step_s"]:.1f} s from the command')
   assert 'start-up:' in benchmark.format_table([first, {**first, 'command_to_first_step_s': None}])
   assert 'start-up:' not in benchmark.format_table([{**first, 'command_to_first_step_s': None}])
+
+
+def test_the_depthwise_kernel_benchmark_parses_shapes_and_times_all_three_calls():
+  from mobilenet.bench import depthwise_kernels  # pylint: disable=g-import-not-at-top
+  from mobilenet.ops.cpu import kernels  # pylint: disable=g-import-not-at-top
+  layer = depthwise_kernels.Layer.parse('4x2x3x16k5s1')
+  assert layer == depthwise_kernels.Layer(4, 2, 3, 16, 5, 1)
+  for wrong in ('4x2x3', '4x2k5s1', '4x2x3x16k5'):
+    with pytest.raises(ValueError):
+      depthwise_kernels.Layer.parse(wrong)
+  if not kernels.available():
+    pytest.skip('no C++ compiler: the kernels cannot be timed')
+  row, = depthwise_kernels.time_layers([layer], warmup=1, steps=3)
+  assert row['layer'] == '4x2x3x16 5x5/1'
+  assert all(row[key] > 0 for key in ('forward_ms', 'filter_grad_ms', 'input_grad_ms'))
+  assert 'filter grad ms' in depthwise_kernels.format_rows([row])

@@ -248,6 +248,36 @@ inline std::pair<int64_t, int64_t> InsideTaps(int64_t i, int64_t stride, int64_t
   return {std::max<int64_t>(0, -start), std::min<int64_t>(k, size - start)};
 }
 
+// One image of a K x K correlation on a map no larger than the filter: only the taps that land
+// on `image`; epilogue(sum, cb) maps each output vector before it is stored. Summed in
+// ForwardImage's order, per filter row and then the rows in turn, which the skipped taps (zeros
+// there) do not change: the same floats as the band loop. The running total lives in the output
+// row (in L1) between filter rows.
+template <int K, typename Epilogue>
+void SmallMapImage(const Geometry& g, const float* image, const float* f, float* output,
+                   Epilogue epilogue) {
+  for (int64_t i = 0; i < g.oh; ++i) {
+    const auto [a0, a1] = InsideTaps(i, g.sh, g.pt, K, g.h);
+    for (int64_t j = 0; j < g.ow; ++j) {
+      const auto [b0, b1] = InsideTaps(j, g.sw, g.pl, K, g.w);
+      const float* corner = image + ((i * g.sh - g.pt) * g.w + j * g.sw - g.pl) * g.c;
+      float* result = output + (i * g.ow + j) * g.c;
+      std::fill(result, result + g.c, 0.0f);
+      for (int64_t a = a0; a < a1; ++a) {
+        const float* row = corner + a * g.w * g.c;
+        const float* taps = f + a * K * g.c;
+        for (int64_t cb = 0; cb < g.c; cb += kLanes) {
+          Vec8 acc = {};
+          for (int64_t b = b0; b < b1; ++b) acc += Load(row + b * g.c + cb) * Load(taps + b * g.c + cb);
+          Store(result + cb, Load(result + cb) + acc);
+        }
+      }
+      for (int64_t cb = 0; cb < g.c; cb += kLanes) Store(result + cb, epilogue(Load(result + cb), cb));
+    }
+  }
+}
+
+// Inference on a small map: the image activated once into a per-thread buffer, then SmallMapImage.
 template <int K, typename InActivation, typename OutActivation>
 void InferenceSmallMap(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* f,
                        const Affine& in, InActivation in_act, const Affine& out,
@@ -263,31 +293,9 @@ void InferenceSmallMap(ffi::ThreadPool& pool, const Geometry& g, const float* x,
                 in_act(Load(image + p + cb) * Load(in.scale + cb) + Load(in.bias + cb)));
         }
       }
-      float* output = y + n * g.oh * g.ow * g.c;
-      for (int64_t i = 0; i < g.oh; ++i) {
-        const auto [a0, a1] = InsideTaps(i, g.sh, g.pt, K, g.h);
-        for (int64_t j = 0; j < g.ow; ++j) {
-          const auto [b0, b1] = InsideTaps(j, g.sw, g.pl, K, g.w);
-          const float* corner = activated.data() + ((i * g.sh - g.pt) * g.w + j * g.sw - g.pl) * g.c;
-          float* result = output + (i * g.ow + j) * g.c;
-          // Summed in ForwardImage's order, per filter row and then the rows in turn, which the
-          // skipped taps (zeros there) do not change: the same floats as the band loop. The
-          // running total lives in the output row (in L1) between filter rows.
-          std::fill(result, result + g.c, 0.0f);
-          for (int64_t a = a0; a < a1; ++a) {
-            const float* row = corner + a * g.w * g.c;
-            const float* taps = f + a * K * g.c;
-            for (int64_t cb = 0; cb < g.c; cb += kLanes) {
-              Vec8 acc = {};
-              for (int64_t b = b0; b < b1; ++b) acc += Load(row + b * g.c + cb) * Load(taps + b * g.c + cb);
-              Store(result + cb, Load(result + cb) + acc);
-            }
-          }
-          for (int64_t cb = 0; cb < g.c; cb += kLanes) {
-            Store(result + cb, out_act(Load(result + cb) * Load(out.scale + cb) + Load(out.bias + cb)));
-          }
-        }
-      }
+      SmallMapImage<K>(g, activated.data(), f, y + n * g.oh * g.ow * g.c, [&](Vec8 sum, int64_t cb) {
+        return out_act(sum * Load(out.scale + cb) + Load(out.bias + cb));
+      });
     }
   });
 }
@@ -422,10 +430,13 @@ bool InputGradAsForward(const Geometry& g) {
   if (!VectorizedShape(g) || g.sh != 1 || g.sw != 1 || g.pt > g.kh - 1 || g.pl > g.kw - 1) {
     return false;
   }
-  return Vectorized(Geometry{g.n, g.oh, g.ow, g.c, g.kh, g.kw, g.h, g.w, 1, 1, g.kh - 1 - g.pt,
-                             g.kw - 1 - g.pl});
+  const Geometry transposed{g.n, g.oh, g.ow, g.c, g.kh, g.kw, g.h, g.w, 1, 1, g.kh - 1 - g.pt,
+                            g.kw - 1 - g.pl};
+  return Vectorized(transposed) || SmallMap(transposed);
 }
 
+// The transposed geometry's gradient map (dy) no larger than the filter goes through
+// SmallMapImage (only the taps on it) instead of the band loop's bounds-checked columns.
 template <int K>
 void InputGradVectorized(ffi::ThreadPool& pool, const Geometry& g, const float* dy, const float* f,
                          float* dx) {
@@ -435,6 +446,14 @@ void InputGradVectorized(ffi::ThreadPool& pool, const Geometry& g, const float* 
     std::copy(f + (kTaps - 1 - k) * g.c, f + (kTaps - k) * g.c, flipped.data() + k * g.c);
   }
   Geometry transposed{g.n, g.oh, g.ow, g.c, K, K, g.h, g.w, 1, 1, K - 1 - g.pt, K - 1 - g.pl};
+  if (SmallMap(transposed)) {
+    return ForImages(pool, g.n, mobilenet::NumChunks(pool, g.n), [&](int64_t lo, int64_t hi, int64_t) {
+      for (int64_t n = lo; n < hi; ++n) {
+        SmallMapImage<K>(transposed, dy + n * g.oh * g.ow * g.c, flipped.data(),
+                         dx + n * g.h * g.w * g.c, [](Vec8 sum, int64_t) { return sum; });
+      }
+    });
+  }
   ForwardVectorized<K>(pool, transposed, dy, flipped.data(), dx);
 }
 

@@ -1,0 +1,99 @@
+"""The fused depthwise kernels' three calls, timed one by one at given layer shapes.
+
+A training step's depthwise layer with the BatchNorm + activation before it
+fused (ops/norm_depthwise.py) makes three C++ calls: the forward (the same
+kernel fused inference runs, `depthwise.inference_kernel_call`), the filter
+gradient with the input re-activated as it is read
+(`activated_filter_grad_kernel_call`) and the input gradient
+(`input_grad_kernel_call`). Whole-step timings on a small shared machine move
+by 10-30% between runs; these isolate one layer's kernels, e.g. the maps no
+larger than the filter of V3's last blocks in the 32x32 form. Each call is
+jitted on its own, run on random float32 inputs (hard-swish on both sides of
+the forward), and timed as the median of `steps` calls after `warmup`.
+"""
+import dataclasses
+import statistics
+import time
+from typing import Dict, List, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mobilenet.ops import depthwise
+from mobilenet.ops.cpu import kernels as cpu_kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """A depthwise layer: batch, input height and width, channels, filter size, stride."""
+  batch: int
+  height: int
+  width: int
+  channels: int
+  kernel_size: int
+  stride: int
+
+  @classmethod
+  def parse(cls, text: str) -> 'Layer':
+    """'128x2x2x576k5s1' -> Layer(128, 2, 2, 576, 5, 1)."""
+    shape, rest = text.lower().split('k')
+    size, stride = rest.split('s')
+    dimensions = [int(value) for value in shape.split('x')]
+    if len(dimensions) != 4:
+      raise ValueError(f'{text}: four dimensions before k, not {len(dimensions)}')
+    return cls(*dimensions, int(size), int(stride))
+
+  def label(self) -> str:
+    return (f'{self.batch}x{self.height}x{self.width}x{self.channels} '
+            f'{self.kernel_size}x{self.kernel_size}/{self.stride}')
+
+
+def _median_ms(fn, args, warmup: int, steps: int) -> float:
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
+
+
+def time_layer(layer: Layer, *, warmup: int = 5, steps: int = 100, seed: int = 0) -> Dict[str, float]:
+  """Milliseconds of the forward, filter-gradient and input-gradient calls for `layer`."""
+  if not cpu_kernels.available():
+    raise RuntimeError(f'the C++ CPU kernels are unavailable: {cpu_kernels.error()}')
+  rng = np.random.default_rng(seed)
+  k, s, c = layer.kernel_size, (layer.stride, layer.stride), layer.channels
+  pads = depthwise.explicit_padding((layer.height, layer.width), (k, k), s, 'SAME')
+  out_h = (layer.height + sum(pads[0]) - k) // layer.stride + 1
+  out_w = (layer.width + sum(pads[1]) - k) // layer.stride + 1
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  x = normal(layer.batch, layer.height, layer.width, c)
+  g = normal(layer.batch, out_h, out_w, c)
+  kernel = normal(k, k, c)
+  scale, bias = normal(c), normal(c)
+  forward = jax.jit(lambda x: depthwise.inference_kernel_call(
+      x, kernel, scale, bias, scale, bias, strides=s, pads=pads,
+      input_activation=jax.nn.hard_swish, output_activation=jax.nn.hard_swish))
+  filter_grad = jax.jit(lambda x, g: depthwise.activated_filter_grad_kernel_call(
+      x, g, scale, bias, (k, k, c), strides=s, pads=pads, input_activation=jax.nn.hard_swish))
+  input_grad = jax.jit(lambda g: depthwise.input_grad_kernel_call(g, kernel, x.shape, strides=s,
+                                                                  pads=pads))
+  return {'forward_ms': _median_ms(forward, (x,), warmup, steps),
+          'filter_grad_ms': _median_ms(filter_grad, (x, g), warmup, steps),
+          'input_grad_ms': _median_ms(input_grad, (g,), warmup, steps)}
+
+
+def time_layers(layers: Sequence[Layer], **kwargs) -> List[Dict[str, object]]:
+  return [{'layer': layer.label(), **{key: round(value, 3) for key, value in
+                                      time_layer(layer, **kwargs).items()}} for layer in layers]
+
+
+def format_rows(rows: Sequence[Dict[str, object]]) -> str:
+  lines = [f"{'layer':<26}{'forward ms':>12}{'filter grad ms':>16}{'input grad ms':>15}"]
+  for row in rows:
+    lines.append(f"{row['layer']:<26}{row['forward_ms']:>12.3f}{row['filter_grad_ms']:>16.3f}"
+                 f"{row['input_grad_ms']:>15.3f}")
+  return '\n'.join(lines)
