@@ -435,8 +435,8 @@ bool InputGradAsForward(const Geometry& g) {
   return Vectorized(transposed) || SmallMap(transposed);
 }
 
-// The transposed geometry's gradient map (dy) no larger than the filter goes through
-// SmallMapImage (only the taps on it) instead of the band loop's bounds-checked columns.
+// A gradient map (dy) no larger than the filter goes through SmallMapImage, only the taps that
+// land on it (the band loop refuses such maps, see Vectorized; the general loop ran them before).
 template <int K>
 void InputGradVectorized(ffi::ThreadPool& pool, const Geometry& g, const float* dy, const float* f,
                          float* dx) {
