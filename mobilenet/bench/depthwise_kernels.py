@@ -12,14 +12,13 @@ jitted on its own, run on random float32 inputs (hard-swish on both sides of
 the forward), and timed as the median of `steps` calls after `warmup`.
 """
 import dataclasses
-import statistics
-import time
 from typing import Dict, List, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mobilenet.bench import benchmark
 from mobilenet.ops import depthwise
 from mobilenet.ops.cpu import kernels as cpu_kernels
 
@@ -50,14 +49,7 @@ class Layer:
 
 
 def _median_ms(fn, args, warmup: int, steps: int) -> float:
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
+  return 1e3 * benchmark.median_seconds(lambda: jax.block_until_ready(fn(*args)), warmup, steps)
 
 
 def time_layer(layer: Layer, *, warmup: int = 5, steps: int = 100, seed: int = 0) -> Dict[str, float]:
@@ -67,16 +59,14 @@ def time_layer(layer: Layer, *, warmup: int = 5, steps: int = 100, seed: int = 0
   rng = np.random.default_rng(seed)
   k, s, c = layer.kernel_size, (layer.stride, layer.stride), layer.channels
   pads = depthwise.explicit_padding((layer.height, layer.width), (k, k), s, 'SAME')
-  out_h = (layer.height + sum(pads[0]) - k) // layer.stride + 1
-  out_w = (layer.width + sum(pads[1]) - k) // layer.stride + 1
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
   x = normal(layer.batch, layer.height, layer.width, c)
-  g = normal(layer.batch, out_h, out_w, c)
   kernel = normal(k, k, c)
   scale, bias = normal(c), normal(c)
   forward = jax.jit(lambda x: depthwise.inference_kernel_call(
       x, kernel, scale, bias, scale, bias, strides=s, pads=pads,
       input_activation=jax.nn.hard_swish, output_activation=jax.nn.hard_swish))
+  g = normal(*jax.eval_shape(forward, x).shape)
   filter_grad = jax.jit(lambda x, g: depthwise.activated_filter_grad_kernel_call(
       x, g, scale, bias, (k, k, c), strides=s, pads=pads, input_activation=jax.nn.hard_swish))
   input_grad = jax.jit(lambda g: depthwise.input_grad_kernel_call(g, kernel, x.shape, strides=s,

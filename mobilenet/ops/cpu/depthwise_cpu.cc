@@ -277,6 +277,17 @@ void SmallMapImage(const Geometry& g, const float* image, const float* f, float*
   }
 }
 
+// in_act(image * scale + bias) of one whole image (g.h * g.w pixels) into `activated`.
+template <typename InActivation>
+void ActivateImage(const Geometry& g, const float* image, const Affine& in, InActivation in_act,
+                   float* activated) {
+  for (int64_t p = 0; p < g.h * g.w * g.c; p += g.c) {
+    for (int64_t cb = 0; cb < g.c; cb += kLanes) {
+      Store(activated + p + cb, in_act(Load(image + p + cb) * Load(in.scale + cb) + Load(in.bias + cb)));
+    }
+  }
+}
+
 // Inference on a small map: the image activated once into a per-thread buffer, then SmallMapImage.
 template <int K, typename InActivation, typename OutActivation>
 void InferenceSmallMap(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* f,
@@ -286,13 +297,7 @@ void InferenceSmallMap(ffi::ThreadPool& pool, const Geometry& g, const float* x,
   ForImages(pool, g.n, mobilenet::NumChunks(pool, g.n), [&](int64_t lo, int64_t hi, int64_t) {
     std::vector<float> activated(values);
     for (int64_t n = lo; n < hi; ++n) {
-      const float* image = x + n * values;
-      for (int64_t p = 0; p < values; p += g.c) {
-        for (int64_t cb = 0; cb < g.c; cb += kLanes) {
-          Store(activated.data() + p + cb,
-                in_act(Load(image + p + cb) * Load(in.scale + cb) + Load(in.bias + cb)));
-        }
-      }
+      ActivateImage(g, x + n * values, in, in_act, activated.data());
       SmallMapImage<K>(g, activated.data(), f, y + n * g.oh * g.ow * g.c, [&](Vec8 sum, int64_t cb) {
         return out_act(sum * Load(out.scale + cb) + Load(out.bias + cb));
       });
@@ -326,14 +331,10 @@ void InferenceForward(ffi::ThreadPool& pool, const Geometry& g, const float* x, 
   });
 }
 
-// The filter gradient of depthwise(in_act(x * in_scale + in_bias)) (ops/norm_depthwise.py): the
-// activated input is recomputed band by band from the raw one, as the forward pass computed it,
-// instead of being kept in memory between the passes. K*K vector accumulators per channel block,
-// float32 per image, double across images, as FilterGradVectorized.
-// The same on maps no larger than the filter (SmallMap): only the taps that land on the image,
-// and images summed in float32 in groups of about as many products per tap as one 16x16 image
-// has, then in double. (Per image, the band loop's float-to-double sum over all K*K*C taps cost
-// more than the products: a 2x2 map has 4 outputs.)
+// ActivatedFilterGrad (below) on maps no larger than the filter (SmallMap): only the taps that land
+// on the image, and images summed in float32 in groups of about as many products per tap as one
+// 16x16 image has, then in double. (Per image, the band loop's float-to-double sum over all K*K*C
+// taps cost more than the products: a 2x2 map has 4 outputs.)
 template <int K, typename InActivation>
 void ActivatedFilterGradSmallMap(ffi::ThreadPool& pool, const Geometry& g, const float* x,
                                  const float* dy, const Affine& in, InActivation in_act,
@@ -349,13 +350,7 @@ void ActivatedFilterGradSmallMap(ffi::ThreadPool& pool, const Geometry& g, const
     for (int64_t n0 = lo; n0 < hi; n0 += group) {
       std::fill(sums.begin(), sums.end(), 0.0f);
       for (int64_t n = n0; n < std::min(n0 + group, hi); ++n) {
-        const float* image = x + n * values;
-        for (int64_t p = 0; p < values; p += g.c) {
-          for (int64_t cb = 0; cb < g.c; cb += kLanes) {
-            Store(activated.data() + p + cb,
-                  in_act(Load(image + p + cb) * Load(in.scale + cb) + Load(in.bias + cb)));
-          }
-        }
+        ActivateImage(g, x + n * values, in, in_act, activated.data());
         for (int64_t i = 0; i < g.oh; ++i) {
           const auto [a0, a1] = InsideTaps(i, g.sh, g.pt, K, g.h);
           for (int64_t j = 0; j < g.ow; ++j) {
@@ -381,6 +376,10 @@ void ActivatedFilterGradSmallMap(ffi::ThreadPool& pool, const Geometry& g, const
   mobilenet::SumChunks(totals, chunks, taps, df);
 }
 
+// The filter gradient of depthwise(in_act(x * in_scale + in_bias)) (ops/norm_depthwise.py): the
+// activated input is recomputed band by band from the raw one, as the forward pass computed it,
+// instead of being kept in memory between the passes. K*K vector accumulators per channel block,
+// float32 per image, double across images, as FilterGradVectorized.
 template <int K, typename InActivation>
 void ActivatedFilterGrad(ffi::ThreadPool& pool, const Geometry& g, const float* x,
                          const float* dy, const Affine& in, InActivation in_act, float* df) {
