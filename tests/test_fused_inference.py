@@ -1,4 +1,6 @@
 """The fused-inference transformation computes the model's own function, and refuses what it cannot."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +8,7 @@ import pytest
 
 from mobilenet.models import architectures, fused_inference
 from mobilenet.models.mobilenet import MobileNet
-from mobilenet.ops import batch_norm, depthwise
+from mobilenet.ops import batch_norm, depthwise, pointwise
 from mobilenet.ops.cpu import kernels as cpu_kernels
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason='needs a C++ compiler')
@@ -90,6 +92,50 @@ def test_fused_depthwise_matches_its_definition(size, channels, activations, spa
     assert 'mobilenet_depthwise_inference' in hlo
 
 
+@pytest.mark.parametrize('shape,out_channels,activation,residual,gated', [
+    ((2, 4, 4, 144), 24, batch_norm.identity, True, True),  # V3's gated projection + residual.
+    ((3, 5, 7, 13), 40, jax.nn.relu, False, True),  # Rows not a multiple of 6; 40 = 32 + 8.
+    ((2, 3, 3, 600), 136, jax.nn.relu6, True, False),  # Input channels in 3 chunks; 2 panels + 8.
+    ((4, 2, 2, 300), 72, jax.nn.hard_sigmoid, False, True),  # Squeeze-and-excitation's excite.
+    ((5, 288), 1024, jax.nn.hard_swish, False, False),  # Pre-logits: 16 full panels.
+    ((7, 16), 8, jax.nn.relu, True, False),  # One 8-lane vector wide.
+    ((1, 1, 1, 3), 56, batch_norm.identity, False, False),  # One row.
+])
+def test_fused_pointwise_matches_its_definition(shape, out_channels, activation, residual,
+                                                gated):
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(shape[-1], out_channels)) / np.sqrt(shape[-1]),
+                       jnp.float32)
+  scale = jnp.asarray(rng.uniform(0.5, 2.0, out_channels), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=out_channels), jnp.float32)
+  added = jnp.asarray(rng.normal(size=(*shape[:-1], out_channels)), jnp.float32) if residual else None
+  gate = jnp.asarray(rng.uniform(0.0, 1.0, (shape[0], shape[-1])), jnp.float32) if gated else None
+  gated_x = x if gate is None else x * gate.reshape(shape[0], *(1,) * (x.ndim - 2), shape[-1])
+  want = activation(jnp.einsum('...c,cd->...d', gated_x, kernel,
+                               precision=jax.lax.Precision.HIGHEST) * scale + bias)
+  want = want if added is None else want + added
+  fused = jax.jit(functools.partial(pointwise.pointwise_inference, activation=activation))
+  have = fused(x, kernel, scale=scale, bias=bias, residual=added, gate=gate)
+  assert np.std(want) > 0.1
+  np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5)
+  # vmapped (calls.py folds the vmapped axis into the batch) and differentiated (the XLA form's VJP).
+  np.testing.assert_allclose(
+      jax.vmap(lambda x: fused(x, kernel, scale=scale, bias=bias, residual=added, gate=gate))(
+          jnp.stack([x, 2 * x])), jnp.stack([have, fused(2 * x, kernel, scale=scale, bias=bias,
+                                                          residual=added, gate=gate)]),
+      rtol=1e-6, atol=1e-6)
+  grads = jax.grad(lambda k: jnp.sum(fused(x, k, scale=scale, bias=bias, residual=added,
+                                           gate=gate) ** 2))(kernel)
+  want_grads = jax.grad(lambda k: jnp.sum(pointwise._inference_xla(
+      x, k, scale, bias, added, gate, activation) ** 2))(kernel)
+  np.testing.assert_allclose(grads, want_grads, rtol=1e-4, atol=1e-4)
+  if cpu_kernels.available():  # The kernel, not the XLA steps, computed it.
+    hlo = jax.jit(lambda x: fused(x, kernel, scale=scale, bias=bias, residual=added,
+                                  gate=gate)).lower(x).as_text()
+    assert 'mobilenet_pointwise_inference' in hlo
+
+
 @needs_kernels
 @pytest.mark.parametrize('name,alpha', [
     ('mobilenet_v2', 0.35),  # Expansions, residuals, ReLU6, the last 1x1 convolution.
@@ -124,6 +170,6 @@ def test_only_what_it_computes_is_fused():
     apply_fn, path = fused_inference.eval_apply(model, fused=True)
     assert path.startswith('eval: layer by layer (')
   _, path = fused_inference.eval_apply(base, fused=True)
-  assert path == 'eval: BatchNorms fused into the C++ depthwise kernel'
+  assert path == 'eval: BatchNorms fused into the C++ depthwise and pointwise kernels'
   _, path = fused_inference.eval_apply(base, fused=False)
   assert 'fused_inference is off' in path

@@ -1,4 +1,4 @@
-"""An explicit inference transformation: the MobileNet family with its BatchNorms fused into the depthwise kernel.
+"""An explicit inference transformation: the MobileNet family with its BatchNorms fused into the C++ kernels.
 
 In inference mode BatchNorm + activation is a per-channel affine map and an
 activation, act(x * a + b). In every architecture of the family most of them
@@ -6,13 +6,18 @@ sit next to a depthwise layer: the stem's, a V1 pointwise layer's or a V2/V3
 expansion's right before the next depthwise layer, each depthwise layer's own
 right after it. The C++ depthwise kernel applies the first as it reads its
 input and the second as it writes its output
-(`depthwise.depthwise_conv_inference`), so neither costs a pass over memory:
-of MobileNetV1's 27 BatchNorm passes only the last remains (fused by XLA with
-the global average pool), and of an inverted residual block's three only the
-projection's (linear, with the residual add in the same XLA loop). The rest
-(squeeze-and-excitation, the last 1x1 convolution, pre-logits, classifier) is
-computed as the model computes it. (Folding `a` into the kernels instead
-would cost a pass over every weight per step.)
+(`depthwise.depthwise_conv_inference`), so neither costs a pass over memory.
+The rest sit after a 1x1 product: the projection's BatchNorm (linear) with the
+residual add, the last 1x1 convolution's, and the dense layers' biases and
+activations (squeeze-and-excitation's, pre-logits, classifier). The C++
+pointwise kernel applies them as it stores the product
+(`pointwise.pointwise_inference`), and squeeze-and-excitation's gate as it
+reads the projection's input, so of MobileNetV1's 27 BatchNorm passes only the
+last remains (fused by XLA with the global average pool) and an inverted
+residual block makes none. The 1x1 products themselves run on that kernel too:
+XLA's are 1.5-2x slower for these small matrices (docs/performance.md, tenth
+round). (Folding `a` into the kernels instead would cost a pass over every
+weight per step.)
 
 `inference_fn(model)` returns a function `(variables, images) -> logits`
 computing `model.apply(variables, images, train=False)` this way, or None when
@@ -21,16 +26,17 @@ bfloat16, the 'plain' ops, or depthwise layers not on the C++ kernels. Nothing
 calls it implicitly: the trainer and evaluation use it only when
 `config.model.fused_inference` is set and it accepts the model, and log which
 path they use. tests/test_fused_inference.py checks it against the
-layer-by-layer model for every architecture, tests/test_keras_reference.py
-against Keras.
+layer-by-layer model for every architecture, and each kernel against its
+definition; tests/test_keras_reference.py checks it against Keras.
 """
 from typing import Callable, Optional
 
+import jax
 import jax.numpy as jnp
 
 from mobilenet.models import architectures, blocks
 from mobilenet.models.mobilenet import MobileNet
-from mobilenet.ops import batch_norm, convolution, depthwise
+from mobilenet.ops import batch_norm, convolution, depthwise, pointwise
 
 
 def unsupported_reason(model: MobileNet) -> Optional[str]:
@@ -73,32 +79,50 @@ def inference_fn(model: MobileNet) -> Optional[Callable]:
       return batch_norm.inference_affine(params[layer][norm], stats[layer][norm],
                                          model.batch_norm_epsilon)
 
-    def pointwise(x, layer, conv):
-      return jnp.einsum('nhwc,cd->nhwd', x, params[layer][conv]['kernel'][0, 0])
-
     stem, *stages = model.plan.stages
     x = _Pending(convolution.conv(images.astype(jnp.float32), params['stem']['conv']['kernel'],
                                   strides=stem.stride),
                  affine('stem', 'bn'), blocks.ACTIVATIONS[stem.activation])
     for stage in stages:
       if stage.kind == 'separable':
-        x = _separable(stage, x, params, affine, pointwise)
+        x = _separable(stage, x, params, affine)
       elif stage.kind == 'inverted_residual':
-        x = _inverted_residual(stage, x, params, affine, pointwise)
-      else:  # The last 1x1 convolution (V2, V3).
-        x = _Pending(pointwise(_value(x), stage.name, 'conv'), affine(stage.name, 'bn'),
-                     blocks.ACTIVATIONS[stage.activation])
+        x = _inverted_residual(stage, x, params, affine)
+      else:  # The last 1x1 convolution (V2, V3), its BatchNorm + activation in the product's pass.
+        scale, bias = affine(stage.name, 'bn')
+        x = pointwise.pointwise_inference(_value(x), _kernel(params, stage.name, 'conv'),
+                                          scale=scale, bias=bias,
+                                          activation=blocks.ACTIVATIONS[stage.activation])
     x = jnp.mean(x.as_xla() if isinstance(x, _Pending) else x, axis=(1, 2))
     if model.plan.pre_logits_channels:
-      dense = params['pre_logits']
-      x = blocks.ACTIVATIONS[model.plan.pre_logits_activation](x @ dense['kernel'] + dense['bias'])
-    return x @ params['head']['kernel'] + params['head']['bias']
+      x = _dense(x, params['pre_logits'], blocks.ACTIVATIONS[model.plan.pre_logits_activation])
+    return _dense(x, params['head'], batch_norm.identity)
 
   return forward
 
 
 def _value(x):
   return x.value() if isinstance(x, _Pending) else x
+
+
+def _kernel(params, layer: str, conv: str) -> jnp.ndarray:
+  """A 1x1 convolution's kernel as the (C, D) matrix it multiplies by."""
+  return params[layer][conv]['kernel'][0, 0]
+
+
+def _product(x, kernel) -> jnp.ndarray:
+  """x @ kernel alone, its BatchNorm + activation left pending for the next depthwise kernel."""
+  channels = kernel.shape[-1]
+  return pointwise.pointwise_inference(x, kernel, scale=jnp.ones(channels, jnp.float32),
+                                       bias=jnp.zeros(channels, jnp.float32),
+                                       activation=batch_norm.identity)
+
+
+def _dense(x, dense, activation) -> jnp.ndarray:
+  """activation(x @ kernel + bias) for a Dense layer's parameters."""
+  kernel = dense['kernel']
+  return pointwise.pointwise_inference(x, kernel, scale=jnp.ones(kernel.shape[-1], jnp.float32),
+                                       bias=dense['bias'], activation=activation)
 
 
 def _identity_pending(x) -> _Pending:
@@ -116,26 +140,33 @@ def _depthwise(stage: architectures.Stage, x: _Pending, params, affine) -> jnp.n
       strides=(stage.stride, stage.stride))
 
 
-def _separable(stage, x, params, affine, pointwise) -> _Pending:
+def _separable(stage, x, params, affine) -> _Pending:
   if not isinstance(x, _Pending):
     x = _identity_pending(x)
-  y = pointwise(_depthwise(stage, x, params, affine), stage.name, 'pointwise')
+  y = _product(_depthwise(stage, x, params, affine), _kernel(params, stage.name, 'pointwise'))
   return _Pending(y, affine(stage.name, 'pointwise_bn'), blocks.ACTIVATIONS[stage.activation])
 
 
-def _inverted_residual(stage, x, params, affine, pointwise) -> jnp.ndarray:
+def _squeeze_excite_gate(y, se) -> jnp.ndarray:
+  """blocks.SqueezeExcite's multiplier (N, C) of y's channels, which the projection applies."""
+  s = _dense(jnp.mean(y, axis=(1, 2)), se['squeeze'], blocks.ACTIVATIONS['relu'])
+  return _dense(s, se['excite'], jax.nn.hard_sigmoid)
+
+
+def _inverted_residual(stage, x, params, affine) -> jnp.ndarray:
   if stage.residual or stage.expanded_channels or not isinstance(x, _Pending):
     inputs = _value(x)  # Read again by the expansion or the residual add: materialized once.
     x = _identity_pending(inputs)
   if stage.expanded_channels:
-    x = _Pending(pointwise(inputs, stage.name, 'expand'), affine(stage.name, 'expand_bn'),
-                 blocks.ACTIVATIONS[stage.activation])
+    x = _Pending(_product(inputs, _kernel(params, stage.name, 'expand')),
+                 affine(stage.name, 'expand_bn'), blocks.ACTIVATIONS[stage.activation])
   y = _depthwise(stage, x, params, affine)
-  if stage.se_channels:
-    y = blocks.SqueezeExcite(stage.se_channels).apply({'params': params[stage.name]['se']}, y)
+  gate = _squeeze_excite_gate(y, params[stage.name]['se']) if stage.se_channels else None
   scale, bias = affine(stage.name, 'project_bn')
-  y = pointwise(y, stage.name, 'project') * scale + bias  # Linear bottleneck: no activation.
-  return y + inputs if stage.residual else y
+  # Linear bottleneck: BatchNorm without activation, the gate on its input, the input added back.
+  return pointwise.pointwise_inference(y, _kernel(params, stage.name, 'project'), scale=scale,
+                                       bias=bias, activation=batch_norm.identity,
+                                       residual=inputs if stage.residual else None, gate=gate)
 
 
 def eval_apply(model: MobileNet, fused: bool) -> tuple[Callable, str]:
@@ -146,6 +177,6 @@ def eval_apply(model: MobileNet, fused: bool) -> tuple[Callable, str]:
   """
   reason = unsupported_reason(model) if fused else 'config.model.fused_inference is off'
   if reason is None:
-    return inference_fn(model), 'eval: BatchNorms fused into the C++ depthwise kernel'
+    return inference_fn(model), 'eval: BatchNorms fused into the C++ depthwise and pointwise kernels'
   return (lambda variables, images: model.apply(variables, images, train=False),
           f'eval: layer by layer ({reason})')

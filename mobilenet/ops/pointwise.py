@@ -14,10 +14,18 @@ Two implementations of the same function, NHWC `inputs` and a (C, D) kernel
   for a 1024 x 1024 gradient), the kernel's per-thread partial products cost
   more than they save and XLA's dot is faster: there it defers to XLA too.
 
+`pointwise_inference` is the inference forward with what follows the product
+(BatchNorm as a per-channel affine map, the activation, the residual add, and
+squeeze-and-excitation's gate on the input) in one pass, on a C++ kernel where
+it can (models/fused_inference.py).
 """
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from mobilenet.ops import batch_norm
 from mobilenet.ops import select
 from mobilenet.ops.cpu import calls
 from mobilenet.ops.cpu import kernels as cpu_kernels
@@ -75,3 +83,62 @@ _REGISTRY = {'xla': pointwise_conv_xla, 'cpu_kernel': pointwise_conv_cpu_kernel}
 def pointwise_conv(inputs, kernel, *, implementation: str = 'auto'):
   """inputs (..., C) @ kernel (C, D)."""
   return _REGISTRY[resolve_implementation(implementation)](inputs, kernel)
+
+
+def pointwise_inference(inputs, kernel, *, scale, bias, activation, residual=None, gate=None):
+  """activation(((inputs * gate) @ kernel) * scale + bias) + residual, in float32.
+
+  `inputs` (N, ..., C), `kernel` (C, D), `scale` and `bias` (D,) (an
+  inference-mode BatchNorm as x * scale + bias, or a dense layer's bias with
+  `scale` ones); `residual` (N, ..., D) or None; `gate` (N, C) or None, the
+  squeeze-and-excitation multiplier of each image's input channels. The
+  activation: one of `batch_norm.KERNEL_ACTIVATIONS` (ReLU, ReLU6, hard-swish,
+  `batch_norm.identity`) or `jax.nn.hard_sigmoid`. On the C++ kernel
+  (`pointwise_cpu.cc`) where the kernels are built and D is a multiple of 8,
+  else as XLA steps (`_inference_xla`); gradients are the XLA form's.
+  """
+  f32 = lambda value: None if value is None else jnp.asarray(value, jnp.float32)
+  operands = tuple(map(f32, (inputs, kernel, scale, bias, residual, gate)))
+  if (cpu_kernels.available() and kernel.shape[-1] % 8 == 0
+      and (activation in batch_norm.KERNEL_ACTIVATIONS or activation is jax.nn.hard_sigmoid)):
+    return _inference_kernel(*operands, activation)
+  return _inference_xla(*operands, activation)
+
+
+def _inference_xla(inputs, kernel, scale, bias, residual, gate, activation):
+  """pointwise_inference as XLA steps: its reference and VJP."""
+  if gate is not None:
+    inputs = inputs * gate.reshape(gate.shape[0], *(1,) * (inputs.ndim - 2), gate.shape[1])
+  y = activation(pointwise_conv_xla(inputs, kernel) * scale + bias)
+  return y if residual is None else y + residual
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _inference_kernel(inputs, kernel, scale, bias, residual, gate, activation):
+  if activation is jax.nn.hard_sigmoid:  # relu6(z + 3) / 6 = clip(z / 6 + 1/2, 0, 1).
+    scale, bias = scale / 6.0, bias / 6.0 + 0.5
+    kind, lo, hi = 0, 0.0, 1.0
+  else:
+    kind, lo, hi = batch_norm.KERNEL_ACTIVATIONS[activation]
+  empty = jnp.zeros((0,), jnp.float32)  # An absent residual or gate.
+  out_shape = jax.ShapeDtypeStruct((*inputs.shape[:-1], kernel.shape[-1]), jnp.float32)
+  out, = calls.kernel_call(
+      'mobilenet_pointwise_inference', [out_shape],
+      [inputs, kernel, scale, bias, empty if residual is None else residual,
+       empty if gate is None else gate],
+      batched=(True, False, False, False, residual is not None, gate is not None),
+      activation=np.int32(kind), lo=np.float32(lo), hi=np.float32(hi))
+  return out
+
+
+def _inference_kernel_fwd(*args):
+  return _inference_kernel(*args), args[:-1]
+
+
+def _inference_kernel_bwd(activation, residuals, g):
+  # Gradients of a fused inference graph are rare (attribution): the XLA form's.
+  _, vjp = jax.vjp(lambda *args: _inference_xla(*args, activation), *residuals)
+  return vjp(g)
+
+
+_inference_kernel.defvjp(_inference_kernel_fwd, _inference_kernel_bwd)

@@ -80,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
   # The 'fast' ops' depthwise kernel: 'auto' (fastest measured on the backend,
   # ops/select.py), 'xla', 'shifted' or 'cpu_kernel'.
   config.model.depthwise_implementation = 'auto'
-  # Evaluate with the BatchNorms fused into the C++ depthwise kernel where the
+  # Evaluate with the BatchNorms fused into the C++ depthwise and pointwise kernels where the
   # model allows it (models/fused_inference.py: every architecture but Conv
   # MobileNet, float32, the fast ops on the CPU).
   config.model.fused_inference = True

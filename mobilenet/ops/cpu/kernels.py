@@ -2,7 +2,7 @@
 
 `depthwise_cpu.cc` (depthwise convolution), `batch_norm_cpu.cc` (BatchNorm
 + activation), `convolution_cpu.cc` (the stem's dense convolution) and
-`pointwise_cpu.cc` (the pointwise filter gradient) are compiled together with the system C++ compiler (`$CXX`, else g++), `-O3
+`pointwise_cpu.cc` (the pointwise filter gradient and inference forward) are compiled together with the system C++ compiler (`$CXX`, else g++), `-O3
 -march=native`, against jaxlib's FFI headers (and the shared headers
 `cpu_loops.h`, the parallel loop, and `cpu_vectors.h`), into one shared
 library cached in `$MOBILENET_CACHE_DIR` (default `~/.cache/mobilenet`) under a
@@ -48,6 +48,7 @@ TARGETS = {
     'mobilenet_conv_forward': 'ConvolutionForward',
     'mobilenet_conv_filter_grad': 'ConvolutionFilterGrad',
     'mobilenet_pointwise_filter_grad': 'PointwiseFilterGrad',
+    'mobilenet_pointwise_inference': 'PointwiseInferenceForward',
 }
 
 
