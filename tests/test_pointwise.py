@@ -72,3 +72,23 @@ def test_the_kernel_takes_the_filter_gradient_where_it_is_faster(shape, features
   w = jnp.ones((shape[-1], features), jnp.float32)
   grad = jax.grad(lambda w: jnp.sum(pointwise.pointwise_conv(x, w, implementation='cpu_kernel')))
   assert ('mobilenet_pointwise_filter_grad' in jax.jit(grad).lower(w).as_text()) == on_kernel
+
+
+@pytest.mark.parametrize('shape,features,forward_on_kernel,input_grad_on_kernel', [
+    ((4, 8, 8, 32), 128, True, True),
+    ((2, 2, 2, 512), 64, False, True),  # 512 channels summed: XLA's dot is as fast.
+    ((4, 8, 8, 32), 12, False, False),  # Not a multiple of 8 outputs: all of it on XLA.
+    ((4, 8, 8, 12), 16, True, False),  # The input gradient's outputs: 12.
+])
+def test_the_kernel_takes_the_products_where_it_is_faster(shape, features, forward_on_kernel,
+                                                          input_grad_on_kernel):
+  if not cpu_kernels.available():
+    pytest.skip(f'C++ kernels unavailable: {cpu_kernels.error()}')
+  x = jnp.ones(shape, jnp.float32)
+  w = jnp.ones((shape[-1], features), jnp.float32)
+  count = lambda fn, *args: jax.jit(fn).lower(*args).as_text().count(
+      'mobilenet_pointwise_inference')
+  conv = lambda x, w: pointwise.pointwise_conv(x, w, implementation='cpu_kernel')
+  assert count(conv, x, w) == forward_on_kernel
+  input_grad = jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2))  # The forward product is kept.
+  assert count(input_grad, x, w) == forward_on_kernel + input_grad_on_kernel

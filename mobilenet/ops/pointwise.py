@@ -4,15 +4,18 @@ Two implementations of the same function, NHWC `inputs` and a (C, D) kernel
 (ops/select.py says which one 'auto' is):
 
 - 'xla': `jnp.einsum`, with XLA's own gradients. Used on GPU and TPU.
-- 'cpu_kernel': the same forward and input gradient, with the filter gradient
-  (x^T dy over all N*H*W positions) on a C++ kernel (`pointwise_cpu.cc`).
-  XLA:CPU runs that product as a plain dot on a transposed copy, at 1-5
-  GMAC/s for the early layers' few channels on an AVX2 machine (30% of the
-  alpha-0.25 training step) and at half the kernel's rate on an AVX-512 one.
-  Needs a multiple of 8 output channels; others run as 'xla'. Where the
-  positions are few against the channels (the last layers: 512 positions
-  for a 1024 x 1024 gradient), the kernel's per-thread partial products cost
-  more than they save and XLA's dot is faster: there it defers to XLA too.
+- 'cpu_kernel': the same function on C++ kernels (`pointwise_cpu.cc`).
+  The filter gradient (x^T dy over all N*H*W positions): XLA:CPU runs that
+  product as a plain dot on a transposed copy, at 1-5 GMAC/s for the early
+  layers' few channels on an AVX2 machine (30% of the alpha-0.25 training
+  step) and at half the kernel's rate on an AVX-512 one. Needs a multiple of
+  8 output channels; others run as 'xla'. Where the positions are few against
+  the channels (the last layers: 512 positions for a 1024 x 1024 gradient),
+  the kernel's per-thread partial products cost more than they save and XLA's
+  dot is faster: there it defers to XLA too. The forward product and the
+  input gradient (dy @ w^T) run on the inference forward kernel below where
+  they sum over at most 256 channels into a multiple of 8 (V3-Small's
+  products, 1.5-3x faster than XLA's), else on XLA's dot.
 
 `pointwise_inference` is the inference forward with what follows the product
 (BatchNorm as a per-channel affine map, the activation, the residual add, and
@@ -37,18 +40,34 @@ def pointwise_conv_xla(inputs, kernel):
   return jnp.einsum('...c,cd->...d', inputs, kernel)
 
 
+# Up to this many channels summed over (one chunk of pointwise_cpu.cc's forward loop) the C++
+# product is faster than XLA's for MobileNet's shapes; beyond, XLA's dot is as fast or faster
+# (docs/performance.md, tenth round).
+_PRODUCT_MAX_SUMMED = 256
+
+
+def _product(x, w):
+  """x @ w: on the C++ forward kernel where it is faster (see _PRODUCT_MAX_SUMMED), else XLA's."""
+  if (w.shape[0] > _PRODUCT_MAX_SUMMED or w.shape[1] % 8
+      or x.dtype != jnp.float32 or w.dtype != jnp.float32):
+    return pointwise_conv_xla(x, w)
+  channels = w.shape[1]
+  return _forward_call(x, w, jnp.ones(channels, jnp.float32), jnp.zeros(channels, jnp.float32),
+                       None, None, (0, float('-inf'), float('inf')))
+
+
 @jax.custom_vjp
 def _kernel_pointwise(x, w):
-  return pointwise_conv_xla(x, w)
+  return _product(x, w)
 
 
 def _kernel_pointwise_fwd(x, w):
-  return pointwise_conv_xla(x, w), (x, w)
+  return _product(x, w), (x, w)
 
 
 def _kernel_pointwise_bwd(residuals, g):
   x, w = residuals
-  dx = jnp.einsum('...d,cd->...c', g, w)
+  dx = _product(g, w.T)
   if x.size // x.shape[-1] < 2 * max(w.shape):  # Few positions (see the module docstring).
     return dx, jnp.einsum('...c,...d->cd', x, g).astype(w.dtype)
   # x^T g sums over the batch: per-shard partial products, all-reduced (calls.py).
@@ -116,10 +135,15 @@ def _inference_xla(inputs, kernel, scale, bias, residual, gate, activation):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _inference_kernel(inputs, kernel, scale, bias, residual, gate, activation):
   if activation is jax.nn.hard_sigmoid:  # relu6(z + 3) / 6 = clip(z / 6 + 1/2, 0, 1).
-    scale, bias = scale / 6.0, bias / 6.0 + 0.5
-    kind, lo, hi = 0, 0.0, 1.0
-  else:
-    kind, lo, hi = batch_norm.KERNEL_ACTIVATIONS[activation]
+    return _forward_call(inputs, kernel, scale / 6.0, bias / 6.0 + 0.5, residual, gate,
+                         (0, 0.0, 1.0))
+  return _forward_call(inputs, kernel, scale, bias, residual, gate,
+                       batch_norm.KERNEL_ACTIVATIONS[activation])
+
+
+def _forward_call(inputs, kernel, scale, bias, residual, gate, kernel_activation):
+  """The C++ forward kernel, per example (sharded and vmappable through calls.py)."""
+  kind, lo, hi = kernel_activation
   empty = jnp.zeros((0,), jnp.float32)  # An absent residual or gate.
   out_shape = jax.ShapeDtypeStruct((*inputs.shape[:-1], kernel.shape[-1]), jnp.float32)
   out, = calls.kernel_call(
