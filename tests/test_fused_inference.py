@@ -100,6 +100,8 @@ def test_fused_depthwise_matches_its_definition(size, channels, activations, spa
     ((5, 288), 1024, jax.nn.hard_swish, False, False),  # Pre-logits: 16 full panels.
     ((7, 16), 8, jax.nn.relu, True, False),  # One 8-lane vector wide.
     ((1, 1, 1, 3), 56, batch_norm.identity, False, False),  # One row.
+    ((2, 16, 16, 40), 264, jax.nn.relu, True, True),  # 512 rows, 4 full tiles and an 8-wide one.
+    ((1, 32, 16, 300), 256, jax.nn.hard_swish, False, False),  # 2 chunks of input channels.
 ])
 def test_fused_pointwise_matches_its_definition(shape, out_channels, activation, residual,
                                                 gated):
@@ -129,7 +131,7 @@ def test_fused_pointwise_matches_its_definition(shape, out_channels, activation,
                                            gate=gate) ** 2))(kernel)
   want_grads = jax.grad(lambda k: jnp.sum(pointwise._inference_xla(
       x, k, scale, bias, added, gate, activation) ** 2))(kernel)
-  np.testing.assert_allclose(grads, want_grads, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(grads, want_grads, rtol=1e-3, atol=1e-3)  # Sums of 512 products.
   if cpu_kernels.available():  # The kernel, not the XLA steps, computed it.
     hlo = jax.jit(lambda x: fused(x, kernel, scale=scale, bias=bias, residual=added,
                                   gate=gate)).lower(x).as_text()

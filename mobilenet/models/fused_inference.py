@@ -112,10 +112,7 @@ def _kernel(params, layer: str, conv: str) -> jnp.ndarray:
 
 def _product(x, kernel) -> jnp.ndarray:
   """x @ kernel alone, its BatchNorm + activation left pending for the next depthwise kernel."""
-  channels = kernel.shape[-1]
-  return pointwise.pointwise_inference(x, kernel, scale=jnp.ones(channels, jnp.float32),
-                                       bias=jnp.zeros(channels, jnp.float32),
-                                       activation=batch_norm.identity)
+  return pointwise.matrix_product(x, kernel)
 
 
 def _dense(x, dense, activation) -> jnp.ndarray:

@@ -46,7 +46,7 @@ def pointwise_conv_xla(inputs, kernel):
 _PRODUCT_MAX_SUMMED = 256
 
 
-def _product(x, w):
+def matrix_product(x, w):
   """x @ w: on the C++ forward kernel where it is faster (see _PRODUCT_MAX_SUMMED), else XLA's."""
   if (w.shape[0] > _PRODUCT_MAX_SUMMED or w.shape[1] % 8
       or x.dtype != jnp.float32 or w.dtype != jnp.float32):
@@ -58,16 +58,16 @@ def _product(x, w):
 
 @jax.custom_vjp
 def _kernel_pointwise(x, w):
-  return _product(x, w)
+  return matrix_product(x, w)
 
 
 def _kernel_pointwise_fwd(x, w):
-  return _product(x, w), (x, w)
+  return matrix_product(x, w), (x, w)
 
 
 def _kernel_pointwise_bwd(residuals, g):
   x, w = residuals
-  dx = _product(g, w.T)
+  dx = matrix_product(g, w.T)
   if x.size // x.shape[-1] < 2 * max(w.shape):  # Few positions (see the module docstring).
     return dx, jnp.einsum('...c,...d->cd', x, g).astype(w.dtype)
   # x^T g sums over the batch: per-shard partial products, all-reduced (calls.py).
