@@ -94,16 +94,30 @@ def build() -> pathlib.Path:
 
 
 def _compile(compiler: str, library: pathlib.Path) -> None:
-  """Compiles SOURCES into `library` (atomically: a reader never sees a half-written file)."""
+  """Compiles SOURCES into `library` (atomically: a reader never sees a half-written file).
+
+  Each source is compiled by its own compiler process, all at once, then linked:
+  on 2 cores the build takes about as long as the largest source (depthwise_cpu.cc,
+  ~9 s) instead of all of them in turn (~19 s).
+  """
   # A minute of silence would look like a hang: say what runs and for how long.
   logging.info('Building the C++ CPU kernels with %s (once per machine and version; about '
-               '20-80 s, longer on a busy machine) into %s ...', compiler, library)
+               '10-40 s, longer on a busy machine) into %s ...', compiler, library)
   start = time.perf_counter()
+  flags = ['-O3', '-march=native', '-std=c++17', '-fPIC', '-w']
   # Build beside the target and rename, so concurrent builds never load a half-written file.
   with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+    objects = [pathlib.Path(tmp) / f'{source.stem}.o' for source in SOURCES]
+    compiles = [(subprocess.Popen([compiler, *flags, f'-I{jax.ffi.include_dir()}', '-c',
+                                   str(source), '-o', str(target)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE), source)
+                for source, target in zip(SOURCES, objects)]
+    for process, source in compiles:
+      stdout, stderr = process.communicate()
+      if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, process.args, stdout, stderr)
     partial = pathlib.Path(tmp) / library.name
-    subprocess.run([compiler, '-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w',
-                    f'-I{jax.ffi.include_dir()}', *map(str, SOURCES), '-o', str(partial),
+    subprocess.run([compiler, *flags, '-shared', *map(str, objects), '-o', str(partial),
                     '-lpthread'], check=True, capture_output=True)
     os.replace(partial, library)
   logging.info('Built the C++ CPU kernels in %.0f s', time.perf_counter() - start)
