@@ -1,4 +1,4 @@
-"""The step profile gives every operation of the real training step to a kind of layer."""
+"""The step profile gives every operation of the real training or eval step to a kind of layer."""
 import os
 
 import pytest
@@ -40,14 +40,19 @@ def test_idle_time_is_the_span_of_the_operations_less_the_time_any_of_them_ran()
   assert step_profile._idle_microseconds(events, {'missing'}) == 0  # pylint: disable=protected-access
 
 
-@pytest.mark.slow
-def test_a_profiled_v3_step_has_time_in_every_kind_of_layer():
+def _small_v3_config():
+  """V3-Small alpha 0.25 at 32x32, batch 8: every kind of layer, quickly."""
   config = config_base.base_config()
   config.model.name = 'mobilenet_v3_small'
   config.model.width_multiplier = 0.25
   config.model.resolution = 32
   config.batch_size = 8
-  profile = step_profile.profile_train_step(config, warmup=1, steps=2)
+  return config
+
+
+@pytest.mark.slow
+def test_a_profiled_v3_step_has_time_in_every_kind_of_layer():
+  profile = step_profile.profile_train_step(_small_v3_config(), warmup=1, steps=2)
   by_kind = {row['kind']: row for row in profile['kinds']}
   assert set(by_kind) == set(step_profile.KINDS)
   for kind in ('depthwise', 'pointwise', 'standard', 'dense', 'batch_norm_activation',
@@ -60,3 +65,19 @@ def test_a_profiled_v3_step_has_time_in_every_kind_of_layer():
   assert profile['operations_per_step'] > 100 and 0 < profile['idle_ms'] < profile['step_ms']
   table = step_profile.format_profile(profile, ceiling_gflop_s=100.0)
   assert 'of the 100 GFLOP/s matrix-product ceiling' in table and 'squeeze_excite' in table
+
+
+@pytest.mark.slow
+def test_a_profiled_fused_eval_step_gives_its_kernels_to_their_layers():
+  """The fused inference names its operations after the model's layers (models/fused_inference.py)."""
+  config = _small_v3_config()
+  assert config.model.fused_inference
+  profile = step_profile.profile_train_step(config, warmup=1, steps=2, step='eval')
+  by_kind = {row['kind']: row for row in profile['kinds']}
+  for kind in ('depthwise', 'pointwise', 'standard', 'dense', 'batch_norm_activation',
+               'squeeze_excite'):
+    assert by_kind[kind]['ms_per_step'] > 0, kind
+  # Only the eval's own sums (loss, top-k, pooling) are left unattributed.
+  assert by_kind['loss_optimizer_other']['share'] < 0.2
+  assert profile['step'] == 'eval' and profile['eval_img_s'] > 0
+  assert 'eval step' in step_profile.format_profile(profile)

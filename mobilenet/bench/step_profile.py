@@ -1,4 +1,4 @@
-"""Where the real training step spends its time, by kind of layer, from a profile of the compiled step.
+"""Where the real training or eval step spends its time, by kind of layer, from a profile of the compiled step.
 
 benchmark.py times whole steps and layer_timing.py times layers one by one;
 this profiles the project's own jitted training step (the same one
@@ -18,13 +18,19 @@ pass, `transpose(jvp(MobileNet))/block_03/depthwise/...`):
 - 'residual_and_glue': what a block does outside its layers (residual adds);
 - 'loss_optimizer_other': the loss, the optimizer update and the rest.
 
+The eval step (`step='eval'`) is the trainer's: with config.model.fused_inference
+the fused transformation (models/fused_inference.py), which names its
+operations after the same layers; there a BatchNorm computed inside a depthwise
+or pointwise kernel counts as that layer, and only the folding of its
+statistics into a scale and bias as 'batch_norm_activation'.
+
 Operations run on up to as many threads as there are cores, so the summed
 operation time can exceed the wall time; shares are of the summed time. The
 step's operation count and the time in which none of them ran (`idle_ms`: the
 runtime dispatching the next one, Python calling the next step) say how much a
 step of many small operations loses between them. Each kind's arithmetic
 (counting.py's mult-adds, times 3 for forward + both backward products) over
-its time gives its GFLOP/s, to compare with what a large matrix product
+its time gives its GFLOP/s (forward only, times 1, for the eval step), to compare with what a large matrix product
 reaches on the same machine (`matmul_ceiling`).
 """
 import collections
@@ -122,11 +128,12 @@ def _idle_microseconds(events: List[Dict[str, Any]], operations) -> float:
   return end - spans[0][0] - covered
 
 
-def _flops_per_image(config: ml_collections.ConfigDict) -> Dict[str, float]:
-  """Training FLOPs per image by kind of layer: 2 per mult-add, forward and two backward products."""
+def _flops_per_image(config: ml_collections.ConfigDict, products: int = 3) -> Dict[str, float]:
+  """FLOPs per image by kind of layer: 2 per mult-add, times `products` (training: forward and
+  two backward products; eval: 1)."""
   flops = collections.Counter()
   for spec in counting.model_layer_specs(config):
-    flops[_layer_kind(spec)] += 3 * 2 * spec.mult_adds
+    flops[_layer_kind(spec)] += products * 2 * spec.mult_adds
   return flops
 
 
@@ -138,21 +145,29 @@ def matmul_ceiling(size: int = 2048, steps: int = 5) -> float:
   return 2 * size ** 3 / seconds / 1e9
 
 
-def profile_train_step(config: ml_collections.ConfigDict, *, warmup: int = 2,
-                       steps: int = 5) -> Dict[str, Any]:
-  """Profiles `steps` training steps of `config`'s model on synthetic batches.
+def profile_train_step(config: ml_collections.ConfigDict, *, warmup: int = 2, steps: int = 5,
+                       step: str = 'train') -> Dict[str, Any]:
+  """Profiles `steps` training (or, with step='eval', eval) steps of `config`'s model on synthetic batches.
 
   Returns the step's wall time, and per kind of layer: its milliseconds per
   step, share of the summed operation time, and GFLOP/s where it does arithmetic.
   """
-  state, train_step, _ = benchmark._steps(config)  # pylint: disable=protected-access
+  if step not in ('train', 'eval'):
+    raise ValueError(f"step must be 'train' or 'eval', not {step!r}")
+  state, train_step, eval_step = benchmark._steps(config)  # pylint: disable=protected-access
   batch = benchmark.synthetic_batch(config)
-  compiled = jax.jit(train_step, donate_argnums=(0,)).lower(state, batch).compile()
+  if step == 'train':
+    compiled = jax.jit(train_step, donate_argnums=(0,)).lower(state, batch).compile()
+  else:
+    compiled = jax.jit(eval_step).lower(state, batch).compile()
   kinds = _operation_kinds(compiled.as_text(), config)
 
   def run():
     nonlocal state
-    state, metrics = compiled(state, batch)
+    if step == 'train':
+      state, metrics = compiled(state, batch)
+    else:
+      metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
 
   wall_s = benchmark.median_seconds(run, warmup, steps)
@@ -163,7 +178,7 @@ def profile_train_step(config: ml_collections.ConfigDict, *, warmup: int = 2,
       per_kind[kinds[name]] += micros / steps / 1e3
   operations = sum(1 for event in events if event['name'] in kinds) / steps
   total_ms = sum(per_kind.values())
-  flops = _flops_per_image(config)
+  flops = _flops_per_image(config, products=3 if step == 'train' else 1)
   rows = []
   for kind in KINDS:
     ms = per_kind.get(kind, 0.0)
@@ -172,9 +187,10 @@ def profile_train_step(config: ml_collections.ConfigDict, *, warmup: int = 2,
                  'share': round(ms / total_ms, 3) if total_ms else None,
                  'gflop_s': None if gflops is None else round(gflops, 1)})
   images_s = config.batch_size / wall_s
-  return {'architecture': config.model.name, 'width_multiplier': config.model.width_multiplier,
+  return {'step': step, 'architecture': config.model.name,
+          'width_multiplier': config.model.width_multiplier,
           'resolution': config.model.resolution, 'batch_size': config.batch_size,
-          'step_ms': round(1e3 * wall_s, 2), 'train_img_s': round(images_s, 1),
+          'step_ms': round(1e3 * wall_s, 2), f'{step}_img_s': round(images_s, 1),
           'operations_ms': round(total_ms, 2), 'operations_per_step': round(operations),
           'idle_ms': round(_idle_microseconds(events, kinds) / steps / 1e3, 2),
           'model_gflop_s': round(sum(flops.values()) * images_s / 1e9, 1), 'kinds': rows}
@@ -182,9 +198,11 @@ def profile_train_step(config: ml_collections.ConfigDict, *, warmup: int = 2,
 
 def format_profile(profile: Dict[str, Any], ceiling_gflop_s: float = None) -> str:
   """The profile as a text table, with the whole step's fraction of the ceiling when given."""
+  step = profile.get('step', 'train')
   head = (f"{profile['architecture']} alpha {profile['width_multiplier']} at "
-          f"{profile['resolution']}, batch {profile['batch_size']}: step {profile['step_ms']} ms "
-          f"({profile['train_img_s']} img/s), {profile['operations_per_step']} operations "
+          f"{profile['resolution']}, batch {profile['batch_size']}: {step} step "
+          f"{profile['step_ms']} ms ({profile[f'{step}_img_s']} img/s), "
+          f"{profile['operations_per_step']} operations "
           f"{profile['operations_ms']} ms, none running {profile['idle_ms']} ms, "
           f"model arithmetic {profile['model_gflop_s']} GFLOP/s")
   if ceiling_gflop_s:

@@ -53,14 +53,18 @@ def unsupported_reason(model: MobileNet) -> Optional[str]:
 
 
 class _Pending:
-  """A layer's raw output with its BatchNorm + activation not yet applied: act(raw * a + b)."""
+  """A layer's raw output with its BatchNorm + activation not yet applied: act(raw * a + b).
 
-  def __init__(self, raw, affine, activation):
-    self.raw, self.affine, self.activation = raw, affine, activation
+  `norm` names that BatchNorm ('block_03/expand_bn'), for the operations that apply it alone.
+  """
+
+  def __init__(self, raw, affine, activation, norm):
+    self.raw, self.affine, self.activation, self.norm = raw, affine, activation, norm
 
   def value(self):
     """The activations, materialized (by the C++ BatchNorm kernel)."""
-    return batch_norm.inference_apply(self.raw, *self.affine, self.activation)
+    with jax.named_scope(self.norm):
+      return batch_norm.inference_apply(self.raw, *self.affine, self.activation)
 
   def as_xla(self):
     """The activations as XLA operations, which XLA fuses into the reduction that reads them."""
@@ -72,17 +76,22 @@ def inference_fn(model: MobileNet) -> Optional[Callable]:
   if unsupported_reason(model) is not None:
     return None
 
+  # Each operation is named after the layer it computes (its op_name in the compiled program,
+  # as the model's own modules name theirs), so that a profile gives it to its kind of layer
+  # (bench/step_profile.py): '<block>/<layer>', '<block>/<layer>_bn' for a BatchNorm's folding.
   def forward(variables, images: jnp.ndarray) -> jnp.ndarray:
     params, stats = variables['params'], variables['batch_stats']
 
     def affine(layer, norm):
-      return batch_norm.inference_affine(params[layer][norm], stats[layer][norm],
-                                         model.batch_norm_epsilon)
+      with jax.named_scope(f'{layer}/{norm}'):
+        return batch_norm.inference_affine(params[layer][norm], stats[layer][norm],
+                                           model.batch_norm_epsilon)
 
     stem, *stages = model.plan.stages
-    x = _Pending(convolution.conv(images.astype(jnp.float32), params['stem']['conv']['kernel'],
-                                  strides=stem.stride),
-                 affine('stem', 'bn'), blocks.ACTIVATIONS[stem.activation])
+    with jax.named_scope('stem/conv'):
+      raw = convolution.conv(images.astype(jnp.float32), params['stem']['conv']['kernel'],
+                             strides=stem.stride)
+    x = _Pending(raw, affine('stem', 'bn'), blocks.ACTIVATIONS[stem.activation], 'stem/bn')
     for stage in stages:
       if stage.kind == 'separable':
         x = _separable(stage, x, params, affine)
@@ -90,13 +99,21 @@ def inference_fn(model: MobileNet) -> Optional[Callable]:
         x = _inverted_residual(stage, x, params, affine)
       else:  # The last 1x1 convolution (V2, V3), its BatchNorm + activation in the product's pass.
         scale, bias = affine(stage.name, 'bn')
-        x = pointwise.pointwise_inference(_value(x), _kernel(params, stage.name, 'conv'),
-                                          scale=scale, bias=bias,
-                                          activation=blocks.ACTIVATIONS[stage.activation])
-    x = jnp.mean(x.as_xla() if isinstance(x, _Pending) else x, axis=(1, 2))
+        inputs = _value(x)
+        with jax.named_scope(f'{stage.name}/conv'):
+          x = pointwise.pointwise_inference(inputs, _kernel(params, stage.name, 'conv'),
+                                            scale=scale, bias=bias,
+                                            activation=blocks.ACTIVATIONS[stage.activation])
+    if isinstance(x, _Pending):  # V1: its last BatchNorm, fused by XLA into the pooling.
+      with jax.named_scope(x.norm):
+        x = jnp.mean(x.as_xla(), axis=(1, 2))
+    else:
+      x = jnp.mean(x, axis=(1, 2))
     if model.plan.pre_logits_channels:
-      x = _dense(x, params['pre_logits'], blocks.ACTIVATIONS[model.plan.pre_logits_activation])
-    return _dense(x, params['head'], batch_norm.identity)
+      with jax.named_scope('pre_logits'):
+        x = _dense(x, params['pre_logits'], blocks.ACTIVATIONS[model.plan.pre_logits_activation])
+    with jax.named_scope('head'):
+      return _dense(x, params['head'], batch_norm.identity)
 
   return forward
 
@@ -125,29 +142,38 @@ def _dense(x, dense, activation) -> jnp.ndarray:
 def _identity_pending(x) -> _Pending:
   channels = x.shape[-1]
   ones, zeros = jnp.ones(channels, jnp.float32), jnp.zeros(channels, jnp.float32)
-  return _Pending(x, (ones, zeros), batch_norm.identity)
+  return _Pending(x, (ones, zeros), batch_norm.identity, 'identity')
 
 
 def _depthwise(stage: architectures.Stage, x: _Pending, params, affine) -> jnp.ndarray:
   """The stage's depthwise layer with x's pending map before it and its own BatchNorm after it."""
-  return depthwise.depthwise_conv_inference(
-      x.raw, params[stage.name]['depthwise']['kernel'], input_affine=x.affine,
-      output_affine=affine(stage.name, 'depthwise_bn'), input_activation=x.activation,
-      output_activation=blocks.ACTIVATIONS[stage.activation],
-      strides=(stage.stride, stage.stride))
+  output_affine = affine(stage.name, 'depthwise_bn')
+  with jax.named_scope(f'{stage.name}/depthwise'):
+    return depthwise.depthwise_conv_inference(
+        x.raw, params[stage.name]['depthwise']['kernel'], input_affine=x.affine,
+        output_affine=output_affine, input_activation=x.activation,
+        output_activation=blocks.ACTIVATIONS[stage.activation],
+        strides=(stage.stride, stage.stride))
 
 
 def _separable(stage, x, params, affine) -> _Pending:
   if not isinstance(x, _Pending):
     x = _identity_pending(x)
-  y = _product(_depthwise(stage, x, params, affine), _kernel(params, stage.name, 'pointwise'))
-  return _Pending(y, affine(stage.name, 'pointwise_bn'), blocks.ACTIVATIONS[stage.activation])
+  y = _depthwise(stage, x, params, affine)
+  with jax.named_scope(f'{stage.name}/pointwise'):
+    y = _product(y, _kernel(params, stage.name, 'pointwise'))
+  return _Pending(y, affine(stage.name, 'pointwise_bn'), blocks.ACTIVATIONS[stage.activation],
+                  f'{stage.name}/pointwise_bn')
 
 
-def _squeeze_excite_gate(y, se) -> jnp.ndarray:
+def _squeeze_excite_gate(y, se, name: str) -> jnp.ndarray:
   """blocks.SqueezeExcite's multiplier (N, C) of y's channels, which the projection applies."""
-  s = _dense(jnp.mean(y, axis=(1, 2)), se['squeeze'], blocks.ACTIVATIONS['relu'])
-  return _dense(s, se['excite'], jax.nn.hard_sigmoid)
+  with jax.named_scope(f'{name}/se'):
+    s = jnp.mean(y, axis=(1, 2))
+  with jax.named_scope(f'{name}/se/squeeze'):
+    s = _dense(s, se['squeeze'], blocks.ACTIVATIONS['relu'])
+  with jax.named_scope(f'{name}/se/excite'):
+    return _dense(s, se['excite'], jax.nn.hard_sigmoid)
 
 
 def _inverted_residual(stage, x, params, affine) -> jnp.ndarray:
@@ -155,15 +181,19 @@ def _inverted_residual(stage, x, params, affine) -> jnp.ndarray:
     inputs = _value(x)  # Read again by the expansion or the residual add: materialized once.
     x = _identity_pending(inputs)
   if stage.expanded_channels:
-    x = _Pending(_product(inputs, _kernel(params, stage.name, 'expand')),
-                 affine(stage.name, 'expand_bn'), blocks.ACTIVATIONS[stage.activation])
+    with jax.named_scope(f'{stage.name}/expand'):
+      expanded = _product(inputs, _kernel(params, stage.name, 'expand'))
+    x = _Pending(expanded, affine(stage.name, 'expand_bn'), blocks.ACTIVATIONS[stage.activation],
+                 f'{stage.name}/expand_bn')
   y = _depthwise(stage, x, params, affine)
-  gate = _squeeze_excite_gate(y, params[stage.name]['se']) if stage.se_channels else None
+  gate = (_squeeze_excite_gate(y, params[stage.name]['se'], stage.name) if stage.se_channels
+          else None)
   scale, bias = affine(stage.name, 'project_bn')
   # Linear bottleneck: BatchNorm without activation, the gate on its input, the input added back.
-  return pointwise.pointwise_inference(y, _kernel(params, stage.name, 'project'), scale=scale,
-                                       bias=bias, activation=batch_norm.identity,
-                                       residual=inputs if stage.residual else None, gate=gate)
+  with jax.named_scope(f'{stage.name}/project'):
+    return pointwise.pointwise_inference(y, _kernel(params, stage.name, 'project'), scale=scale,
+                                         bias=bias, activation=batch_norm.identity,
+                                         residual=inputs if stage.residual else None, gate=gate)
 
 
 def eval_apply(model: MobileNet, fused: bool) -> tuple[Callable, str]:
