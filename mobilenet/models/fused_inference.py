@@ -15,7 +15,7 @@ pointwise kernel applies them as it stores the product
 reads the projection's input, so of MobileNetV1's 27 BatchNorm passes only the
 last remains (fused by XLA with the global average pool) and an inverted
 residual block makes none. The 1x1 products themselves run on that kernel too:
-XLA's are 1.5-2x slower for these small matrices (docs/performance.md, tenth
+XLA's are up to 3x slower for these small matrices (docs/performance.md, tenth
 round). (Folding `a` into the kernels instead would cost a pass over every
 weight per step.)
 

@@ -15,7 +15,7 @@ Two implementations of the same function, NHWC `inputs` and a (C, D) kernel
   dot is faster: there it defers to XLA too. The forward product and the
   input gradient (dy @ w^T) run on the inference forward kernel below where
   they sum over at most 256 channels into a multiple of 8 (V3-Small's
-  products, 1.5-3x faster than XLA's), else on XLA's dot.
+  products, 1.1-3x faster than XLA's), else on XLA's dot.
 
 `pointwise_inference` is the inference forward with what follows the product
 (BatchNorm as a per-channel affine map, the activation, the residual add, and
