@@ -92,3 +92,15 @@ def test_the_kernel_takes_the_products_where_it_is_faster(shape, features, forwa
   assert count(conv, x, w) == forward_on_kernel
   input_grad = jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2))  # The forward product is kept.
   assert count(input_grad, x, w) == forward_on_kernel + input_grad_on_kernel
+
+
+def test_the_filter_gradient_kernel_refuses_an_output_it_would_overrun():
+  """Declared per-example (without calls.py's `combine`), the output is (rows, D), not (C, D)."""
+  if not cpu_kernels.available():
+    pytest.skip(f'C++ kernels unavailable: {cpu_kernels.error()}')
+  from mobilenet.ops.cpu import calls  # pylint: disable=import-outside-toplevel
+  x, dy = jnp.ones((8, 64), jnp.float32), jnp.ones((8, 128), jnp.float32)
+  with pytest.raises(Exception, match='dw must be'):
+    jax.block_until_ready(calls.kernel_call(
+        'mobilenet_pointwise_filter_grad', [jax.ShapeDtypeStruct((64, 128), jnp.float32)], [x, dy],
+        batched=(True, True)))

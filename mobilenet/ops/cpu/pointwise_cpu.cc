@@ -128,6 +128,11 @@ ffi::Error FilterGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const int64_t c = x.dimensions().back(), d = dy.dimensions().back();
   const int64_t rows = x.element_count() / c;
   if (d % kLanes != 0) return ffi::Error::InvalidArgument("output channels must be a multiple of 8");
+  // A caller that declares a wrong output (e.g. per-example, without calls.py's `combine`) must
+  // get an error, not a write past the buffer.
+  if (dw->element_count() != c * d || dy.element_count() != rows * d) {
+    return ffi::Error::InvalidArgument("dw must be (C, D) and dy (..., D) with x's positions");
+  }
   const int64_t chunks = mobilenet::NumChunks(pool, rows);
   std::vector<float> partial(chunks * c * d, 0.0f);
   mobilenet::ParallelFor(pool, rows, chunks, [&](int64_t chunk, int64_t lo, int64_t hi) {
@@ -308,6 +313,12 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const int64_t c = x.dimensions().back(), d = w.dimensions().back();
   const int64_t rows = x.element_count() / c;
   if (d % kLanes != 0) return ffi::Error::InvalidArgument("output channels must be a multiple of 8");
+  if (w.element_count() != c * d || y->element_count() != rows * d ||
+      scale.element_count() != d || bias.element_count() != d ||
+      (residual.element_count() != 0 && residual.element_count() != rows * d)) {
+    return ffi::Error::InvalidArgument("shapes: x (..., C), w (C, D), scale and bias (D), "
+                                       "residual and y (..., D)");
+  }
   if (kind != mobilenet::kClip && kind != mobilenet::kHardSwish) {
     return ffi::Error::InvalidArgument("unknown activation kind");
   }
