@@ -48,12 +48,12 @@ _PRODUCT_MAX_SUMMED = 256
 
 def matrix_product(x, w):
   """x @ w: on the C++ forward kernel where it is faster (see _PRODUCT_MAX_SUMMED), else XLA's."""
-  if (w.shape[0] > _PRODUCT_MAX_SUMMED or w.shape[1] % 8
+  if (w.shape[0] > _PRODUCT_MAX_SUMMED or w.shape[1] % 8 or not cpu_kernels.available()
       or x.dtype != jnp.float32 or w.dtype != jnp.float32):
     return pointwise_conv_xla(x, w)
   channels = w.shape[1]
   return _forward_call(x, w, jnp.ones(channels, jnp.float32), jnp.zeros(channels, jnp.float32),
-                       None, None, (0, float('-inf'), float('inf')))
+                       None, None, batch_norm.KERNEL_ACTIVATIONS[batch_norm.identity])
 
 
 @jax.custom_vjp
