@@ -9,6 +9,8 @@
 #      g++                    compiles the C++ CPU kernels on first use; without it training
 #                             falls back to XLA's slower convolutions
 #      python3-venv           `python3 -m venv` (Debian's python3 ships without it)
+#      libtcmalloc-minimal4   the allocator the CLIs preload (mobilenet/malloc_tuning.py):
+#                             glibc's malloc has XLA:CPU's step buffers faulted in afresh
 #    `apt-get update` runs first: fresh images have empty package lists.
 # 2. A virtual environment in .venv with requirements.txt (which ends with the
 #    repository itself, editable): stock Debian/Ubuntu refuse `pip install` into
@@ -22,7 +24,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
 
-APT_PACKAGES=(dataset-fashion-mnist g++ python3-venv)
+APT_PACKAGES=(dataset-fashion-mnist g++ python3-venv libtcmalloc-minimal4)
 missing=()
 if command -v dpkg >/dev/null && command -v apt-get >/dev/null; then
   for package in "${APT_PACKAGES[@]}"; do

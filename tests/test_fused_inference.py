@@ -126,7 +126,7 @@ def test_fused_pointwise_matches_its_definition(shape, out_channels, activation,
       jax.vmap(lambda x: fused(x, kernel, scale=scale, bias=bias, residual=added, gate=gate))(
           jnp.stack([x, 2 * x])), jnp.stack([have, fused(2 * x, kernel, scale=scale, bias=bias,
                                                           residual=added, gate=gate)]),
-      rtol=1e-6, atol=1e-6)
+      rtol=1e-5, atol=1e-5)  # Rounding: a row may fall in a tile of other height (1.5e-6 seen).
   grads = jax.grad(lambda k: jnp.sum(fused(x, k, scale=scale, bias=bias, residual=added,
                                            gate=gate) ** 2))(kernel)
   want_grads = jax.grad(lambda k: jnp.sum(pointwise._inference_xla(

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mobilenet import malloc_tuning
 from mobilenet.ops import depthwise
 from mobilenet.training import metrics
 from mobilenet.models import fused_inference
@@ -130,6 +131,12 @@ def median_seconds(run, warmup: int, steps: int) -> float:
   return statistics.median(times)
 
 
+def _faults_and_system_seconds() -> tuple[int, float]:
+  """This process's minor page faults and system CPU seconds so far."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_minflt, usage.ru_stime
+
+
 def _device_peak_bytes() -> Optional[int]:
   """Peak bytes the allocator reports (GPU/TPU); None where it keeps no statistics (CPU)."""
   stats = jax.devices()[0].memory_stats() or {}
@@ -162,7 +169,13 @@ def benchmark_setting(config: ml_collections.ConfigDict, setting: Setting, *, wa
   first_train_step_s = time.perf_counter() - start
   command_to_first_step_s = metrics.seconds_since_process_start() if first else None
   evaluate, eval_lower_s, eval_xla_s, eval_bytes = _compile(eval_step, state, batch)
-  train_s = median_seconds(run_train, max(warmup - 1, 0), steps)  # The first call warmed up too.
+  for _ in range(max(warmup - 1, 0)):  # The first call warmed up too.
+    run_train()
+  # Page faults in the timed steps: buffers the allocator hands back to the kernel, and gets
+  # again zeroed, every step (mobilenet/malloc_tuning.py); none once the allocator keeps them.
+  faults_before, system_before = _faults_and_system_seconds()
+  train_s = median_seconds(run_train, 0, steps)
+  faults_after, system_after = _faults_and_system_seconds()
   eval_s = median_seconds(lambda: jax.block_until_ready(evaluate(state, batch)), warmup, steps)
   return {
       'backend': jax.default_backend(),
@@ -178,6 +191,9 @@ def benchmark_setting(config: ml_collections.ConfigDict, setting: Setting, *, wa
       'train_img_s': round(setting.batch_size / train_s, 1),
       'eval_img_s': round(setting.batch_size / eval_s, 1),
       'train_step_ms': round(1e3 * train_s, 2),
+      'train_faults_per_step': round((faults_after - faults_before) / steps),
+      'train_system_ms_per_step': round(1e3 * (system_after - system_before) / steps, 1),
+      'allocator': malloc_tuning.active_allocator(),
       'eval_step_ms': round(1e3 * eval_s, 2),
       'params': sum(leaf.size for leaf in jax.tree.leaves(state.params)),
       'batch_stats': sum(leaf.size for leaf in jax.tree.leaves(state.batch_stats)),
@@ -197,7 +213,7 @@ def benchmark_setting(config: ml_collections.ConfigDict, setting: Setting, *, wa
 
 
 COLUMNS = ('architecture', 'width_multiplier', 'batch_size', 'resolution', 'dtype', 'resolved_implementation',
-           'train_img_s', 'eval_img_s', 'train_compile_s', 'train_lower_s', 'eval_compile_s',
+           'train_img_s', 'eval_img_s', 'train_faults_per_step', 'train_compile_s', 'train_lower_s', 'eval_compile_s',
            'first_train_step_s', 'train_planned_mb', 'device_peak_mb')
 
 
