@@ -28,6 +28,7 @@ same command once with the settings added. MOBILENET_MALLOC_TUNING=0 turns it
 off; MOBILENET_MALLOC=glibc keeps glibc's malloc where tcmalloc is installed.
 """
 import ctypes.util
+import functools
 import json
 import os
 import platform
@@ -47,6 +48,7 @@ _ORIGINAL = 'MOBILENET_ORIGINAL_MALLOC_ENVIRONMENT'
 _CHANGED = ('GLIBC_TUNABLES', 'LD_PRELOAD', 'TCMALLOC_RELEASE_RATE', _CHOICE)
 
 
+@functools.lru_cache(maxsize=None)  # find_library runs `ldconfig -p`; asked up to 3 times per start.
 def tcmalloc_library() -> Optional[str]:
   """The installed tcmalloc's library name (for LD_PRELOAD), or None."""
   return ctypes.util.find_library(TCMALLOC)
