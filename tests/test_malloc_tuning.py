@@ -83,7 +83,7 @@ def test_reexec_can_be_turned_off():
 
 
 TRAINING_STEPS = """
-    import resource
+    import resource, statistics
     from mobilenet import malloc_tuning
     malloc_tuning.reexec_with_tuned_malloc()
     import jax
@@ -94,14 +94,13 @@ TRAINING_STEPS = """
     state, train_step, _ = benchmark._steps(config)
     batch = benchmark.synthetic_batch(config)
     step = jax.jit(train_step, donate_argnums=(0,))
-    for _ in range(3):
+    faults = []
+    for _ in range(13):
+      before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       state, metrics = step(state, batch)
       jax.block_until_ready(metrics)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
-      state, metrics = step(state, batch)
-      jax.block_until_ready(metrics)
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+      faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(statistics.median(faults[3:]))
 """
 
 
@@ -114,5 +113,8 @@ def test_training_steps_do_not_fault_their_buffers_in_again():
     result = _run(TRAINING_STEPS, MOBILENET_MALLOC=chosen)
     assert result.returncode == 0, result.stderr
     faults[chosen] = float(result.stdout.split()[-1])
-  # glibc's thread arenas map large blocks afresh (~400 faults a step); tcmalloc keeps them.
+  # The typical step after warm-up (the median of ten). glibc's thread arenas map large blocks afresh
+  # (~400 faults every step); tcmalloc keeps them. tcmalloc's page heap does grow once, in a random
+  # early step (~18,000 faults: a freed block was split, so the step's next 71 MB block of temporaries needs new pages),
+  # and never again in 150 steps; a mean over five steps caught that once in CI.
   assert faults['tcmalloc'] < 10 < faults['glibc'], faults
