@@ -115,6 +115,6 @@ def test_training_steps_do_not_fault_their_buffers_in_again():
     faults[chosen] = float(result.stdout.split()[-1])
   # The typical step after warm-up (the median of ten). glibc's thread arenas map large blocks afresh
   # (~400 faults every step); tcmalloc keeps them. tcmalloc's page heap does grow once, in a random
-  # early step (~18,000 faults: a freed block was split, so the step's next 71 MB block of temporaries needs new pages),
-  # and never again in 150 steps; a mean over five steps caught that once in CI.
+  # early step: a freed block was split, so the step's next 71 MB block of temporaries takes ~18,000
+  # new pages. It never grew again in 150 steps; a mean over five steps caught that once in CI.
   assert faults['tcmalloc'] < 10 < faults['glibc'], faults
