@@ -8,7 +8,7 @@ import pytest
 
 from mobilenet.models import architectures, fused_inference
 from mobilenet.models.mobilenet import MobileNet
-from mobilenet.ops import batch_norm, depthwise, pointwise
+from mobilenet.ops import batch_norm, depthwise, pointwise, separable
 from mobilenet.ops.cpu import kernels as cpu_kernels
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason='needs a C++ compiler')
@@ -136,6 +136,55 @@ def test_fused_pointwise_matches_its_definition(shape, out_channels, activation,
     hlo = jax.jit(lambda x: fused(x, kernel, scale=scale, bias=bias, residual=added,
                                   gate=gate)).lower(x).as_text()
     assert 'mobilenet_pointwise_inference' in hlo
+
+
+@pytest.mark.parametrize('size,spatial,channels,out_channels,activations,residual', [
+    (3, (9, 8), 16, 32, (jax.nn.relu, jax.nn.relu), False),  # V1: 32 = 2 x 16 or 1 x 32 lanes.
+    (3, (70, 64), 64, 136, (jax.nn.relu6, jax.nn.relu6), True),  # Bands; 2 panels + 8; V2's add.
+    (5, (9, 8), 24, 40, (jax.nn.hard_swish, jax.nn.relu), True),  # 5x5; 40 = 32 + 8.
+    (3, (11, 13), 264, 8, (batch_norm.identity, jax.nn.relu6), False),  # 2 chunks of channels.
+    (5, (2, 2), 16, 24, (jax.nn.relu, jax.nn.hard_swish), True),  # A map no larger than the filter.
+    (3, (3, 1), 8, 16, (jax.nn.relu, jax.nn.relu), False),
+])
+def test_separable_inference_matches_its_definition(size, spatial, channels, out_channels,
+                                                    activations, residual):
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(3, *spatial, channels)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(size, size, 1, channels)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(channels, out_channels)) / np.sqrt(channels), jnp.float32)
+  a, b, a2, b2 = (jnp.asarray(rng.normal(size=channels), jnp.float32) for _ in range(4))
+  scale = jnp.asarray(rng.uniform(0.5, 2.0, out_channels), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=out_channels), jnp.float32)
+  before, after = activations
+  for strides in ((1, 1), (2, 2)):
+    out_shape = (3, -(-spatial[0] // strides[0]), -(-spatial[1] // strides[1]), out_channels)
+    added = jnp.asarray(rng.normal(size=out_shape), jnp.float32) if residual else None
+    fused = jax.jit(functools.partial(
+        separable.separable_inference, input_activation=before, output_activation=after,
+        strides=strides))
+    run = lambda x, k=kernel: fused(x, k, w, input_affine=(a, b), output_affine=(a2, b2),
+                                    scale=scale, bias=bias, residual=added)
+    # Its definition, on XLA's operations throughout.
+    y = after(depthwise.depthwise_conv(before(x * a + b), kernel, strides=strides,
+                                       implementation='xla') * a2 + b2)
+    want = jnp.einsum('...c,cd->...d', y, w, precision=jax.lax.Precision.HIGHEST) * scale + bias
+    want = want if added is None else want + added
+    have = run(x)
+    assert have.shape == out_shape and np.std(want) > 0.1
+    np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-4)
+    # vmapped (calls.py folds the vmapped axis into the batch) and differentiated (the definition's
+    # VJP).
+    np.testing.assert_allclose(jax.vmap(run)(jnp.stack([x, 2 * x])),
+                               jnp.stack([have, run(2 * x)]), rtol=1e-5, atol=1e-5)
+    grads = jax.grad(lambda k: jnp.sum(run(x, k) ** 2))(kernel)
+    want_grads = jax.grad(lambda k: jnp.sum(separable._separable_xla(
+        x, k, a, b, a2, b2, w, scale, bias, added,
+        (strides, 'SAME', depthwise.explicit_padding(spatial, (size, size), strides, 'SAME'),
+         before, after)) ** 2))(kernel)
+    np.testing.assert_allclose(grads, want_grads, rtol=1e-3, atol=1e-3)
+    if cpu_kernels.available():  # The one kernel, not the two operations, computed it.
+      hlo = jax.jit(run).lower(x).as_text()
+      assert 'mobilenet_separable_inference' in hlo and 'mobilenet_pointwise_inference' not in hlo
 
 
 @needs_kernels

@@ -13,6 +13,8 @@ from mobilenet.training import config_base
     ('jit(train_step)/jvp(MobileNet)/block_03/expand/...c,cd->...d/dot_general', 'pointwise'),
     ('jit(train_step)/transpose(jvp(MobileNet))/block_03/project/ffi_call', 'pointwise'),
     ('jit(train_step)/jvp(MobileNet)/block_03/depthwise_bn/ffi_call', 'batch_norm_activation'),
+    ('jit(eval_step)/block_03/depthwise_project/ffi_call', 'depthwise_pointwise'),
+    ('jit(eval_step)/block_01/depthwise_pointwise/ffi_call', 'depthwise_pointwise'),
     ('jit(train_step)/jvp(MobileNet)/stem/bn/ffi_call', 'batch_norm_activation'),
     ('jit(train_step)/jvp(MobileNet)/stem/conv/ffi_call', 'standard'),
     ('jit(train_step)/jvp(MobileNet)/block_03/se/squeeze/dot_general', 'squeeze_excite'),
@@ -74,9 +76,12 @@ def test_a_profiled_fused_eval_step_gives_its_kernels_to_their_layers():
   assert config.model.fused_inference
   profile = step_profile.profile_train_step(config, warmup=1, steps=2, step='eval')
   by_kind = {row['kind']: row for row in profile['kinds']}
-  for kind in ('depthwise', 'pointwise', 'standard', 'dense', 'batch_norm_activation',
-               'squeeze_excite'):
+  for kind in ('depthwise', 'pointwise', 'depthwise_pointwise', 'standard', 'dense',
+               'batch_norm_activation', 'squeeze_excite'):
     assert by_kind[kind]['ms_per_step'] > 0, kind
+  # V3-Small's blocks 2 and 3 (no squeeze-and-excitation) on the one-kernel depthwise + projection,
+  # their arithmetic with them.
+  assert by_kind['depthwise_pointwise']['gflop_s'] > 0 and by_kind['depthwise']['gflop_s'] > 0
   # Only the eval's own sums (loss, top-k, pooling) are left unattributed.
   assert by_kind['loss_optimizer_other']['share'] < 0.2
   assert profile['step'] == 'eval' and profile['eval_img_s'] > 0

@@ -10,6 +10,8 @@ pass, `transpose(jvp(MobileNet))/block_03/depthwise/...`):
 - 'depthwise', 'pointwise', 'standard' (the stem and other dense k x k
   convolutions), 'dense' (classifier, pre-logits): the layers of
   counting.layer_specs, forward and backward;
+- 'depthwise_pointwise' (eval only): a depthwise layer and the 1x1 layer after
+  it computed by one kernel (ops/separable.py), with both layers' arithmetic;
 - 'batch_norm_activation': every BatchNorm with its activation, except a
   V2/V3 expansion's when it is fused into the depthwise layer
   (ops/norm_depthwise.py): that one runs inside the depthwise layer's call
@@ -50,8 +52,11 @@ import numpy as np
 from mobilenet.bench import benchmark
 from mobilenet.models import counting
 
-KINDS = ('depthwise', 'pointwise', 'standard', 'dense', 'batch_norm_activation', 'squeeze_excite',
-         'residual_and_glue', 'loss_optimizer_other')
+KINDS = ('depthwise', 'pointwise', 'depthwise_pointwise', 'standard', 'dense',
+         'batch_norm_activation', 'squeeze_excite', 'residual_and_glue', 'loss_optimizer_other')
+# Fused inference's one-kernel depthwise layer + the next product (ops/separable.py), e.g.
+# 'block_03/depthwise_project': group 1 is the block.
+_SEPARABLE = re.compile(r'/(\w+)/depthwise_(?:pointwise|project)/')
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name="([^"]*)"',
                           re.MULTILINE)
 
@@ -64,6 +69,8 @@ def _layer_kind(spec: counting.LayerSpec) -> str:
 def _kind_of(op_name: str, layers: Dict[str, str], blocks: List[str]) -> str:
   """The kind of layer an HLO operation belongs to, from its Flax module path."""
   path = '/' + op_name + '/'
+  if _SEPARABLE.search(path):
+    return 'depthwise_pointwise'
   for name, kind in layers.items():  # Longest names first: 'block_03/se/squeeze' before 'block_03/se'.
     if f'/{name}/' in path:
       return kind
@@ -128,12 +135,16 @@ def _idle_microseconds(events: List[Dict[str, Any]], operations) -> float:
   return end - spans[0][0] - covered
 
 
-def _flops_per_image(config: ml_collections.ConfigDict, products: int = 3) -> Dict[str, float]:
+def _flops_per_image(config: ml_collections.ConfigDict, products: int = 3,
+                     separable_blocks=frozenset()) -> Dict[str, float]:
   """FLOPs per image by kind of layer: 2 per mult-add, times `products` (training: forward and
-  two backward products; eval: 1)."""
+  two backward products; eval: 1). The depthwise and 1x1 layers of `separable_blocks` count as
+  'depthwise_pointwise', the one kernel that computes them."""
   flops = collections.Counter()
   for spec in counting.model_layer_specs(config):
-    flops[_layer_kind(spec)] += products * 2 * spec.mult_adds
+    block, _, layer = spec.name.partition('/')
+    fused = block in separable_blocks and layer in ('depthwise', 'pointwise', 'project')
+    flops['depthwise_pointwise' if fused else _layer_kind(spec)] += products * 2 * spec.mult_adds
   return flops
 
 
@@ -160,7 +171,8 @@ def profile_train_step(config: ml_collections.ConfigDict, *, warmup: int = 2, st
     compiled = jax.jit(train_step, donate_argnums=(0,)).lower(state, batch).compile()
   else:
     compiled = jax.jit(eval_step).lower(state, batch).compile()
-  kinds = _operation_kinds(compiled.as_text(), config)
+  hlo_text = compiled.as_text()
+  kinds = _operation_kinds(hlo_text, config)
 
   def run():
     nonlocal state
@@ -178,7 +190,8 @@ def profile_train_step(config: ml_collections.ConfigDict, *, warmup: int = 2, st
       per_kind[kinds[name]] += micros / steps / 1e3
   operations = sum(1 for event in events if event['name'] in kinds) / steps
   total_ms = sum(per_kind.values())
-  flops = _flops_per_image(config, products=3 if step == 'train' else 1)
+  flops = _flops_per_image(config, products=3 if step == 'train' else 1,
+                           separable_blocks=set(_SEPARABLE.findall(hlo_text)))
   rows = []
   for kind in KINDS:
     ms = per_kind.get(kind, 0.0)

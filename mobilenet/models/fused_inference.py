@@ -17,7 +17,12 @@ last remains (fused by XLA with the global average pool) and an inverted
 residual block makes none. The 1x1 products themselves run on that kernel too:
 XLA's are up to 3x slower for these small matrices (docs/performance.md, tenth
 round). (Folding `a` into the kernels instead would cost a pass over every
-weight per step.)
+weight per step.) Where a depthwise layer feeds a 1x1 product directly (V1's
+blocks up to 256 channels, every inverted residual block without
+squeeze-and-excitation), one kernel computes both
+(`separable.separable_inference`): the depthwise output goes into the product
+band by band while in cache, never to memory (docs/performance.md, twelfth
+round).
 
 `inference_fn(model)` returns a function `(variables, images) -> logits`
 computing `model.apply(variables, images, train=False)` this way, or None when
@@ -36,7 +41,7 @@ import jax.numpy as jnp
 
 from mobilenet.models import architectures, blocks
 from mobilenet.models.mobilenet import MobileNet
-from mobilenet.ops import batch_norm, convolution, depthwise, pointwise
+from mobilenet.ops import batch_norm, convolution, depthwise, pointwise, separable
 
 
 def unsupported_reason(model: MobileNet) -> Optional[str]:
@@ -154,12 +159,31 @@ def _depthwise(stage: architectures.Stage, x: _Pending, params, affine) -> jnp.n
         strides=(stage.stride, stage.stride))
 
 
+def _depthwise_then_product(stage, x: _Pending, params, affine, product: str, scale, bias,
+                            residual=None) -> jnp.ndarray:
+  """The stage's depthwise layer and `(. @ product kernel) * scale + bias + residual` in one
+  kernel: the depthwise output rows go into the product while in cache (ops/separable.py)."""
+  output_affine = affine(stage.name, 'depthwise_bn')
+  with jax.named_scope(f'{stage.name}/depthwise_{product}'):
+    return separable.separable_inference(
+        x.raw, params[stage.name]['depthwise']['kernel'], _kernel(params, stage.name, product),
+        input_affine=x.affine, output_affine=output_affine, input_activation=x.activation,
+        output_activation=blocks.ACTIVATIONS[stage.activation], scale=scale, bias=bias,
+        residual=residual, strides=(stage.stride, stage.stride))
+
+
 def _separable(stage, x, params, affine) -> _Pending:
   if not isinstance(x, _Pending):
     x = _identity_pending(x)
-  y = _depthwise(stage, x, params, affine)
-  with jax.named_scope(f'{stage.name}/pointwise'):
-    y = _product(y, _kernel(params, stage.name, 'pointwise'))
+  kernel = _kernel(params, stage.name, 'pointwise')
+  if pointwise.kernel_product_pays(*kernel.shape):  # The early layers, bound by memory.
+    channels = kernel.shape[-1]
+    y = _depthwise_then_product(stage, x, params, affine, 'pointwise',
+                                jnp.ones(channels, jnp.float32), jnp.zeros(channels, jnp.float32))
+  else:  # 512+ channels: XLA's dot is faster than the kernel's product.
+    y = _depthwise(stage, x, params, affine)
+    with jax.named_scope(f'{stage.name}/pointwise'):
+      y = _product(y, kernel)
   return _Pending(y, affine(stage.name, 'pointwise_bn'), blocks.ACTIVATIONS[stage.activation],
                   f'{stage.name}/pointwise_bn')
 
@@ -183,15 +207,18 @@ def _inverted_residual(stage, x, params, affine) -> jnp.ndarray:
       expanded = _product(inputs, _kernel(params, stage.name, 'expand'))
     x = _Pending(expanded, affine(stage.name, 'expand_bn'), blocks.ACTIVATIONS[stage.activation],
                  f'{stage.name}/expand_bn')
-  y = _depthwise(stage, x, params, affine)
-  gate = (_squeeze_excite_gate(y, params[stage.name]['se'], stage.name) if stage.se_channels
-          else None)
   scale, bias = affine(stage.name, 'project_bn')
-  # Linear bottleneck: BatchNorm without activation, the gate on its input, the input added back.
+  residual = inputs if stage.residual else None
+  if not stage.se_channels:  # Linear bottleneck: BatchNorm, no activation, the input added back.
+    return _depthwise_then_product(stage, x, params, affine, 'project', scale, bias, residual)
+  y = _depthwise(stage, x, params, affine)
+  # The gate needs the whole depthwise output first: the projection is a pass of its own, with the
+  # gate on its input.
+  gate = _squeeze_excite_gate(y, params[stage.name]['se'], stage.name)
   with jax.named_scope(f'{stage.name}/project'):
     return pointwise.pointwise_inference(y, _kernel(params, stage.name, 'project'), scale=scale,
                                          bias=bias, activation=batch_norm.identity,
-                                         residual=inputs if stage.residual else None, gate=gate)
+                                         residual=residual, gate=gate)
 
 
 def eval_apply(model: MobileNet, fused: bool) -> tuple[Callable, str]:

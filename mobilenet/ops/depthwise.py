@@ -62,7 +62,7 @@ def _tap(padded, dy, dx, out_h, out_w, strides):
       (1, sh, sw, 1))
 
 
-def _output_size(size, k, stride, pads):
+def output_size(size, k, stride, pads):
   return (size + pads[0] + pads[1] - k) // stride + 1
 
 
@@ -70,8 +70,8 @@ def _shifted_forward(x, w, strides, pads):
   """y[n,i,j,c] = sum_{dy,dx} xpad[n, i*sh+dy, j*sw+dx, c] * w[dy,dx,c]."""
   kh, kw, _ = w.shape
   acc_dtype = _accumulation_dtype(x.dtype)
-  out_h = _output_size(x.shape[1], kh, strides[0], pads[0])
-  out_w = _output_size(x.shape[2], kw, strides[1], pads[1])
+  out_h = output_size(x.shape[1], kh, strides[0], pads[0])
+  out_w = output_size(x.shape[2], kw, strides[1], pads[1])
   padded = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
   wa = w.astype(acc_dtype)
   out = None
@@ -202,8 +202,8 @@ def _kernel_call(name, out_shape, first, second, strides, pads):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _kernel_depthwise(x, w, strides, pads):
   """Multiplier-1 depthwise conv on the CPU kernel; x (N, H, W, C) float32, w (kh, kw, C)."""
-  out_h = _output_size(x.shape[1], w.shape[0], strides[0], pads[0])
-  out_w = _output_size(x.shape[2], w.shape[1], strides[1], pads[1])
+  out_h = output_size(x.shape[1], w.shape[0], strides[0], pads[0])
+  out_w = output_size(x.shape[2], w.shape[1], strides[1], pads[1])
   return _kernel_call('forward', (x.shape[0], out_h, out_w, x.shape[3]), x, w, strides, pads)
 
 
@@ -289,13 +289,13 @@ def _inference_xla(inputs, kernel, in_scale, in_bias, out_scale, out_bias, setti
   return output_activation(y * out_scale + out_bias)
 
 
-def _activation_attributes(prefix, activation):
+def activation_attributes(prefix, activation):
   kind, lo, hi = batch_norm.KERNEL_ACTIVATIONS[activation]
   return {f'{prefix}_kind': np.int32(kind), f'{prefix}_lo': np.float32(lo),
           f'{prefix}_hi': np.float32(hi)}
 
 
-def _strided_attributes(strides, pads):
+def strided_attributes(strides, pads):
   return dict(sh=np.int64(strides[0]), sw=np.int64(strides[1]), pt=np.int64(pads[0][0]),
               pl=np.int64(pads[1][0]))
 
@@ -305,15 +305,15 @@ def inference_kernel_call(inputs, kernel, in_scale, in_bias, out_scale, out_bias
   """The fused C++ kernel's forward pass, per example (sharded and vmappable through calls.py):
   float32 NHWC `inputs`, a (k, k, C) `kernel`, explicit `pads`; no VJP of its own."""
   kh, kw, channels = kernel.shape
-  out_h = _output_size(inputs.shape[1], kh, strides[0], pads[0])
-  out_w = _output_size(inputs.shape[2], kw, strides[1], pads[1])
+  out_h = output_size(inputs.shape[1], kh, strides[0], pads[0])
+  out_w = output_size(inputs.shape[2], kw, strides[1], pads[1])
   out, = calls.kernel_call(
       'mobilenet_depthwise_inference',
       [jax.ShapeDtypeStruct((inputs.shape[0], out_h, out_w, channels), jnp.float32)],
       [inputs, kernel, in_scale, in_bias, out_scale, out_bias],
-      batched=(True,) + (False,) * 5, **_strided_attributes(strides, pads),
-      **_activation_attributes('in', input_activation),
-      **_activation_attributes('out', output_activation))
+      batched=(True,) + (False,) * 5, **strided_attributes(strides, pads),
+      **activation_attributes('in', input_activation),
+      **activation_attributes('out', output_activation))
   return out
 
 
@@ -330,7 +330,7 @@ def activated_filter_grad_kernel_call(inputs, g, in_scale, in_bias, kernel_shape
       'mobilenet_depthwise_activated_filter_grad',
       [jax.ShapeDtypeStruct(kernel_shape, jnp.float32)], [inputs, g, in_scale, in_bias],
       batched=(True, True, False, False), combine=calls.psum_combine,
-      **_strided_attributes(strides, pads), **_activation_attributes('in', input_activation))
+      **strided_attributes(strides, pads), **activation_attributes('in', input_activation))
   return out
 
 

@@ -46,10 +46,15 @@ def pointwise_conv_xla(inputs, kernel):
 _PRODUCT_MAX_SUMMED = 256
 
 
+def kernel_product_pays(in_channels: int, out_channels: int) -> bool:
+  """Whether the C++ forward kernel computes a raw (C, D) product faster than XLA's dot here."""
+  return (in_channels <= _PRODUCT_MAX_SUMMED and out_channels % 8 == 0
+          and cpu_kernels.available())
+
+
 def matrix_product(x, w):
   """x @ w: on the C++ forward kernel where it is faster (see _PRODUCT_MAX_SUMMED), else XLA's."""
-  if (w.shape[0] > _PRODUCT_MAX_SUMMED or w.shape[1] % 8 or not cpu_kernels.available()
-      or x.dtype != jnp.float32 or w.dtype != jnp.float32):
+  if (not kernel_product_pays(*w.shape) or x.dtype != jnp.float32 or w.dtype != jnp.float32):
     return pointwise_conv_xla(x, w)
   channels = w.shape[1]
   return _forward_call(x, w, jnp.ones(channels, jnp.float32), jnp.zeros(channels, jnp.float32),

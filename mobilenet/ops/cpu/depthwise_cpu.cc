@@ -27,6 +27,7 @@
 
 #include "cpu_loops.h"
 #include "cpu_vectors.h"
+#include "pointwise_tiles.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -201,10 +202,10 @@ struct Bands {
 };
 
 template <int K>
-Bands MakeBands(const Geometry& g) {
+Bands MakeBands(const Geometry& g, int64_t band_bytes = kBandBytes) {
   const int64_t padded_w = std::max(g.w + g.pl, (g.ow - 1) * g.sw + K);
   const int64_t row_values = padded_w * g.c;
-  const int64_t fitting_rows = std::max<int64_t>(K, kBandBytes / (sizeof(float) * row_values));
+  const int64_t fitting_rows = std::max<int64_t>(K, band_bytes / (sizeof(float) * row_values));
   const int64_t band_oh = std::clamp<int64_t>((fitting_rows - K) / g.sh + 1, 1, g.oh);
   return Bands{row_values, band_oh, (band_oh - 1) * g.sh + K};
 }
@@ -328,6 +329,69 @@ void InferenceForward(ffi::ThreadPool& pool, const Geometry& g, const float* x, 
                         });
       }
     }
+  });
+}
+
+// Inference with the next 1x1 product fused in (models/fused_inference.py): each band of this
+// layer's output rows, computed as InferenceForward computes it, goes into a per-thread buffer and
+// from there, while in cache, into the product's register tiles (pointwise_tiles.h):
+// y = InferenceForward(x) @ w * pw.scale + pw.bias + residual. The depthwise output (V2/V3's
+// expanded channels, V1's widest tensor but one) is never written to memory and read back. The
+// epilogue is linear: V1's raw product (its BatchNorm pending for the next depthwise layer), or an
+// inverted residual block's projection with its BatchNorm and residual add. The band is smaller
+// than InferenceForward's (kSeparableBandBytes): its output rows must stay in L2 too.
+constexpr int64_t kSeparableBandBytes = 256 * 1024;
+
+template <int K, typename InActivation, typename OutActivation>
+void SeparableInference(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* f,
+                        const Affine& in, InActivation in_act, const Affine& out,
+                        OutActivation out_act, const float* w, int64_t d,
+                        const mobilenet::pointwise::Epilogue& pw, const float* residual,
+                        float* y) {
+  const bool small = SmallMap(g);
+  const Bands bands = MakeBands<K>(g, kSeparableBandBytes);
+  const int64_t band_oh = small ? g.oh : bands.band_oh;
+  const Geometry padded{1, 0, bands.row_values / g.c, g.c, K, K, 0, g.ow, g.sh, g.sw, 0, 0};
+  const Columns all{0, g.ow};
+  auto epilogue = [&](Vec8 acc, int64_t cb) {
+    return out_act(acc * Load(out.scale + cb) + Load(out.bias + cb));
+  };
+  // Output rows are gathered, band after band and image after image, until the buffer is full:
+  // on small maps (V1's 2x2 and 4x4 at 32x32) one image's band is a few rows, and a product per
+  // band would read all of w for each few rows.
+  const int64_t capacity =
+      std::max(band_oh * g.ow, kSeparableBandBytes / static_cast<int64_t>(sizeof(float) * g.c));
+  ForImages(pool, g.n, mobilenet::NumChunks(pool, g.n), [&](int64_t lo, int64_t hi, int64_t) {
+    std::vector<float> activated(small ? g.h * g.w * g.c : bands.band_rows * bands.row_values, 0.0f);
+    std::vector<float> gathered(capacity * g.c);
+    int64_t first_row = lo * g.oh * g.ow, filled = 0;  // Gathered: rows [first_row, + filled) of y.
+    auto flush = [&] {
+      mobilenet::pointwise::ForwardRows(gathered.data(), nullptr, 1, w, pw,
+                                        mobilenet::pointwise::IdentityAct{},
+                                        residual ? residual + first_row * d : nullptr, 0, filled,
+                                        g.c, d, y + first_row * d);
+      first_row += filled;
+      filled = 0;
+    };
+    for (int64_t n = lo; n < hi; ++n) {
+      const float* image = x + n * g.h * g.w * g.c;
+      if (small) ActivateImage(g, image, in, in_act, activated.data());
+      for (int64_t first = 0; first < g.oh; first += band_oh) {
+        const int64_t rows_out = std::min(band_oh, g.oh - first);
+        if (filled + rows_out * g.ow > capacity) flush();
+        float* out = gathered.data() + filled * g.c;
+        if (small) {
+          SmallMapImage<K>(g, activated.data(), f, out, epilogue);
+        } else {
+          Geometry band = padded;
+          band.h = ActivateBand<K>(g, bands, image, in, in_act, first, rows_out, activated.data());
+          band.oh = rows_out;
+          ForwardImage<K>(band, all, activated.data(), nullptr, f, out, epilogue);
+        }
+        filled += rows_out * g.ow;
+      }
+    }
+    if (filled > 0) flush();
   });
 }
 
@@ -640,6 +704,45 @@ ffi::Error InferenceForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// x: (N, H, W, C); f: (K, K, C); the four affine vectors (C); w: (C, D); pw_scale, pw_bias (D);
+// residual: (N, OH, OW, D) or empty; y: (N, OH, OW, D).
+ffi::Error SeparableInferenceImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                  ffi::Buffer<ffi::F32> f, ffi::Buffer<ffi::F32> in_scale,
+                                  ffi::Buffer<ffi::F32> in_bias, ffi::Buffer<ffi::F32> out_scale,
+                                  ffi::Buffer<ffi::F32> out_bias, ffi::Buffer<ffi::F32> w,
+                                  ffi::Buffer<ffi::F32> pw_scale, ffi::Buffer<ffi::F32> pw_bias,
+                                  ffi::Buffer<ffi::F32> residual, ffi::ResultBuffer<ffi::F32> y,
+                                  int64_t sh, int64_t sw, int64_t pt, int64_t pl, int32_t in_kind,
+                                  float in_lo, float in_hi, int32_t out_kind, float out_lo,
+                                  float out_hi) {
+  Geometry g = MakeGeometry(x.dimensions(), f.dimensions(), y->dimensions(), sh, sw, pt, pl);
+  ffi::Error error = CheckFused(g, {in_kind, out_kind});
+  if (error.failure()) return error;
+  const int64_t d = w.dimensions().back();
+  const int64_t rows = g.n * g.oh * g.ow;
+  if (d % kLanes != 0) return ffi::Error::InvalidArgument("output channels must be a multiple of 8");
+  if (w.element_count() != g.c * d || y->element_count() != rows * d ||
+      pw_scale.element_count() != d || pw_bias.element_count() != d ||
+      (residual.element_count() != 0 && residual.element_count() != rows * d)) {
+    return ffi::Error::InvalidArgument("shapes: w (C, D), pw_scale and pw_bias (D), residual and "
+                                       "y (N, OH, OW, D)");
+  }
+  const Affine in{in_scale.typed_data(), in_bias.typed_data(), in_kind, in_lo, in_hi};
+  const Affine out{out_scale.typed_data(), out_bias.typed_data(), out_kind, out_lo, out_hi};
+  const mobilenet::pointwise::Epilogue pw{pw_scale.typed_data(), pw_bias.typed_data()};
+  const float* res = residual.element_count() > 0 ? residual.typed_data() : nullptr;
+  WithFilterSize(g, [&](auto k) {
+    WithActivation(in, [&](auto in_act) {
+      WithActivation(out, [&](auto out_act) {
+        SeparableInference<decltype(k)::value>(pool, g, x.typed_data(), f.typed_data(), in,
+                                               in_act, out, out_act, w.typed_data(), d, pw, res,
+                                               y->typed_data());
+      });
+    });
+  });
+  return ffi::Error::Success();
+}
+
 ffi::Error ActivatedFilterGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                    ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> in_scale,
                                    ffi::Buffer<ffi::F32> in_bias, ffi::ResultBuffer<ffi::F32> df,
@@ -701,6 +804,31 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseInferenceForward, InferenceForwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<int32_t>("in_kind")
+                                  .Attr<float>("in_lo")
+                                  .Attr<float>("in_hi")
+                                  .Attr<int32_t>("out_kind")
+                                  .Attr<float>("out_lo")
+                                  .Attr<float>("out_hi"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeparableInferenceForward, SeparableInferenceImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // f
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // in_scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // in_bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // out_scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // out_bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // pw_scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // pw_bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // residual
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("sh")
                                   .Attr<int64_t>("sw")

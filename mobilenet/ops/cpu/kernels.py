@@ -1,11 +1,13 @@
 """The project's C++ kernels for XLA:CPU: built on first use, registered with jax.ffi.
 
-`depthwise_cpu.cc` (depthwise convolution), `batch_norm_cpu.cc` (BatchNorm
-+ activation), `convolution_cpu.cc` (the stem's dense convolution) and
-`pointwise_cpu.cc` (the pointwise filter gradient and inference forward) are compiled together with the system C++ compiler (`$CXX`, else g++), `-O3
--march=native`, against jaxlib's FFI headers (and the shared headers
-`cpu_loops.h`, the parallel loop, and `cpu_vectors.h`), into one shared
-library cached in `$MOBILENET_CACHE_DIR` (default `~/.cache/mobilenet`) under a
+`depthwise_cpu.cc` (depthwise convolution, and the depthwise layer with the
+next 1x1 product in inference), `batch_norm_cpu.cc` (BatchNorm + activation),
+`convolution_cpu.cc` (the stem's dense convolution) and `pointwise_cpu.cc` (the
+pointwise filter gradient and inference forward) are compiled together with the
+system C++ compiler (`$CXX`, else g++), `-O3 -march=native`, against jaxlib's
+FFI headers (and the shared headers `cpu_loops.h`, the parallel loop,
+`cpu_vectors.h`, and `pointwise_tiles.h`, the 1x1 product's register tiles),
+into one shared library cached in `$MOBILENET_CACHE_DIR` (default `~/.cache/mobilenet`) under a
 key of the sources, the jax version and the CPU's feature flags, so a change of
 any of them rebuilds it; a process that finds another building the same library
 waits for it instead of compiling too. No build step and no dependency besides a compiler;
@@ -33,7 +35,7 @@ from mobilenet.ops.cpu import calls
 _HERE = pathlib.Path(__file__).parent
 SOURCES = (_HERE / 'depthwise_cpu.cc', _HERE / 'batch_norm_cpu.cc', _HERE / 'convolution_cpu.cc',
            _HERE / 'pointwise_cpu.cc')
-HEADERS = (_HERE / 'cpu_loops.h', _HERE / 'cpu_vectors.h')
+HEADERS = (_HERE / 'cpu_loops.h', _HERE / 'cpu_vectors.h', _HERE / 'pointwise_tiles.h')
 # FFI target name -> exported handler symbol.
 TARGETS = {
     'mobilenet_depthwise_forward': 'DepthwiseForward',
@@ -41,6 +43,7 @@ TARGETS = {
     'mobilenet_depthwise_filter_grad': 'DepthwiseFilterGrad',
     'mobilenet_depthwise_inference': 'DepthwiseInferenceForward',
     'mobilenet_depthwise_activated_filter_grad': 'DepthwiseActivatedFilterGrad',
+    'mobilenet_separable_inference': 'SeparableInferenceForward',
     'mobilenet_batch_norm_stats': 'BatchNormStats',
     'mobilenet_batch_norm_apply': 'BatchNormApply',
     'mobilenet_batch_norm_backward_sums': 'BatchNormBackwardSums',
