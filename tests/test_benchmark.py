@@ -2,9 +2,13 @@
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
-from mobilenet.bench import benchmark
+from mobilenet.bench import benchmark, eval_paths
+from mobilenet.models import mobilenet as model_lib
+from mobilenet.ops.cpu import kernels as cpu_kernels
 from mobilenet.models import counting
 from mobilenet.training import config_base
 
@@ -51,3 +55,28 @@ def test_the_depthwise_kernel_benchmark_parses_shapes_and_times_all_three_calls(
   assert row['layer'] == '4x2x3x16 5x5/1'
   assert all(row[key] > 0 for key in ('forward_ms', 'filter_grad_ms', 'input_grad_ms'))
   assert 'filter grad ms' in depthwise_kernels.format_rows([row])
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason='needs a C++ compiler')
+def test_the_eval_paths_comparison_times_all_three_forward_passes_in_turn():
+  config = config_base.base_config()
+  config.model.name, config.model.width_multiplier = 'mobilenet_v2', 0.35
+  config.model.resolution, config.batch_size = 32, 4
+  row = eval_paths.compare(config, seconds=0.5)
+  assert row['rounds'] >= 1 and row['architecture'] == 'mobilenet_v2'
+  for path in eval_paths.PATHS:
+    assert row[f'{path}_ms'] > 0
+  assert row['fused_speedup'] > 0 and row['layer_by_layer_speedup'] > 0
+  assert eval_paths.format_row(row).split()[0] == 'mobilenet_v2'
+  # Only the one-kernel path computes a depthwise layer and its product together.
+  model = model_lib.create_model(config.model)
+  images = benchmark.synthetic_batch(config)['image']
+  variables = model.init(jax.random.key(0), images)
+  passes = eval_paths._forward_passes(model)
+  hlo = {name: jax.jit(fn).lower(variables, images).as_text() for name, fn in passes.items()}
+  assert 'mobilenet_separable_inference' in hlo['fused']
+  assert 'mobilenet_separable_inference' not in hlo['fused_two_kernels']
+  assert 'mobilenet_depthwise_inference' in hlo['fused_two_kernels']
+  np.testing.assert_allclose(jax.jit(passes['fused'])(variables, images),
+                             jax.jit(passes['fused_two_kernels'])(variables, images),
+                             rtol=1e-4, atol=1e-4)

@@ -76,8 +76,12 @@ class _Pending:
     return self.activation(self.raw * self.affine[0] + self.affine[1])
 
 
-def inference_fn(model: MobileNet) -> Optional[Callable]:
-  """`(variables, images) -> logits` in inference mode with the BatchNorms fused, or None."""
+def inference_fn(model: MobileNet, separable: bool = True) -> Optional[Callable]:
+  """`(variables, images) -> logits` in inference mode with the BatchNorms fused, or None.
+
+  `separable=False` keeps every depthwise layer and 1x1 product a kernel call of its own (to
+  measure what the one-kernel form brings: bench/eval_paths.py).
+  """
   if unsupported_reason(model) is not None:
     return None
 
@@ -99,9 +103,9 @@ def inference_fn(model: MobileNet) -> Optional[Callable]:
     x = _Pending(raw, affine('stem', 'bn'), blocks.ACTIVATIONS[stem.activation], 'stem/bn')
     for stage in stages:
       if stage.kind == 'separable':
-        x = _separable(stage, x, params, affine)
+        x = _separable(stage, x, params, affine, separable)
       elif stage.kind == 'inverted_residual':
-        x = _inverted_residual(stage, x, params, affine)
+        x = _inverted_residual(stage, x, params, affine, separable)
       else:  # The last 1x1 convolution (V2, V3), its BatchNorm + activation in the product's pass.
         scale, bias = affine(stage.name, 'bn')
         inputs = _value(x)
@@ -172,11 +176,11 @@ def _depthwise_then_product(stage, x: _Pending, params, affine, product: str, sc
         residual=residual, strides=(stage.stride, stage.stride))
 
 
-def _separable(stage, x, params, affine) -> _Pending:
+def _separable(stage, x, params, affine, one_kernel: bool) -> _Pending:
   if not isinstance(x, _Pending):
     x = _identity_pending(x)
   kernel = _kernel(params, stage.name, 'pointwise')
-  if pointwise.kernel_product_pays(*kernel.shape):  # The early layers, bound by memory.
+  if one_kernel and pointwise.kernel_product_pays(*kernel.shape):  # Early layers: memory-bound.
     channels = kernel.shape[-1]
     y = _depthwise_then_product(stage, x, params, affine, 'pointwise',
                                 jnp.ones(channels, jnp.float32), jnp.zeros(channels, jnp.float32))
@@ -198,7 +202,7 @@ def _squeeze_excite_gate(y, se, name: str) -> jnp.ndarray:
     return _dense(s, se['excite'], jax.nn.hard_sigmoid)
 
 
-def _inverted_residual(stage, x, params, affine) -> jnp.ndarray:
+def _inverted_residual(stage, x, params, affine, one_kernel: bool) -> jnp.ndarray:
   if stage.residual or stage.expanded_channels or not isinstance(x, _Pending):
     inputs = _value(x)  # Read again by the expansion or the residual add: materialized once.
     x = _identity_pending(inputs)
@@ -209,12 +213,13 @@ def _inverted_residual(stage, x, params, affine) -> jnp.ndarray:
                  f'{stage.name}/expand_bn')
   scale, bias = affine(stage.name, 'project_bn')
   residual = inputs if stage.residual else None
-  if not stage.se_channels:  # Linear bottleneck: BatchNorm, no activation, the input added back.
+  if one_kernel and not stage.se_channels:  # Linear bottleneck: no activation, the input added back.
     return _depthwise_then_product(stage, x, params, affine, 'project', scale, bias, residual)
   y = _depthwise(stage, x, params, affine)
-  # The gate needs the whole depthwise output first: the projection is a pass of its own, with the
-  # gate on its input.
-  gate = _squeeze_excite_gate(y, params[stage.name]['se'], stage.name)
+  # Squeeze-and-excitation's gate needs the whole depthwise output first: the projection is a pass
+  # of its own, with the gate on its input.
+  gate = (_squeeze_excite_gate(y, params[stage.name]['se'], stage.name) if stage.se_channels
+          else None)
   with jax.named_scope(f'{stage.name}/project'):
     return pointwise.pointwise_inference(y, _kernel(params, stage.name, 'project'), scale=scale,
                                          bias=bias, activation=batch_norm.identity,
