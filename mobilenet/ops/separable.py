@@ -2,7 +2,7 @@
 
 `separable_inference` computes
 
-    y = pointwise(depthwise(in_act(x * a + b)) * a2 + b2 activated) * scale + bias + residual
+    y = (out_act(depthwise(in_act(x * a + b)) * a2 + b2) @ w) * scale + bias + residual
 
 i.e. `depthwise.depthwise_conv_inference` followed by a linear
 `pointwise.pointwise_inference`. On the C++ kernel (`depthwise_cpu.cc`'s
