@@ -681,6 +681,17 @@ ffi::Error CheckFused(const Geometry& g, std::initializer_list<int32_t> kinds) {
   return ffi::Error::Success();
 }
 
+// Calls body(K, in_act, out_act): the compile-time filter size of a vectorized geometry and the
+// activations the two affine maps name, as the inference kernels are instantiated.
+template <typename Body>
+void WithInferenceInstance(const Geometry& g, const Affine& in, const Affine& out, Body body) {
+  WithFilterSize(g, [&](auto k) {
+    WithActivation(in, [&](auto in_act) {
+      WithActivation(out, [&](auto out_act) { body(k, in_act, out_act); });
+    });
+  });
+}
+
 ffi::Error InferenceForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                 ffi::Buffer<ffi::F32> f, ffi::Buffer<ffi::F32> in_scale,
                                 ffi::Buffer<ffi::F32> in_bias, ffi::Buffer<ffi::F32> out_scale,
@@ -693,13 +704,9 @@ ffi::Error InferenceForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (error.failure()) return error;
   const Affine in{in_scale.typed_data(), in_bias.typed_data(), in_kind, in_lo, in_hi};
   const Affine out{out_scale.typed_data(), out_bias.typed_data(), out_kind, out_lo, out_hi};
-  WithFilterSize(g, [&](auto k) {
-    WithActivation(in, [&](auto in_act) {
-      WithActivation(out, [&](auto out_act) {
-        InferenceForward<decltype(k)::value>(pool, g, x.typed_data(), f.typed_data(), in, in_act,
-                                             out, out_act, y->typed_data());
-      });
-    });
+  WithInferenceInstance(g, in, out, [&](auto k, auto in_act, auto out_act) {
+    InferenceForward<decltype(k)::value>(pool, g, x.typed_data(), f.typed_data(), in, in_act, out,
+                                         out_act, y->typed_data());
   });
   return ffi::Error::Success();
 }
@@ -731,14 +738,10 @@ ffi::Error SeparableInferenceImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const Affine out{out_scale.typed_data(), out_bias.typed_data(), out_kind, out_lo, out_hi};
   const mobilenet::pointwise::Epilogue pw{pw_scale.typed_data(), pw_bias.typed_data()};
   const float* res = residual.element_count() > 0 ? residual.typed_data() : nullptr;
-  WithFilterSize(g, [&](auto k) {
-    WithActivation(in, [&](auto in_act) {
-      WithActivation(out, [&](auto out_act) {
-        SeparableInference<decltype(k)::value>(pool, g, x.typed_data(), f.typed_data(), in,
-                                               in_act, out, out_act, w.typed_data(), d, pw, res,
-                                               y->typed_data());
-      });
-    });
+  WithInferenceInstance(g, in, out, [&](auto k, auto in_act, auto out_act) {
+    SeparableInference<decltype(k)::value>(pool, g, x.typed_data(), f.typed_data(), in, in_act,
+                                           out, out_act, w.typed_data(), d, pw, res,
+                                           y->typed_data());
   });
   return ffi::Error::Success();
 }
