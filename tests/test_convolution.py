@@ -17,7 +17,9 @@ from mobilenet.ops.cpu import kernels as cpu_kernels
                           # positions at a time) with remainders, and one to eight 8-lane
                           # channel vectors (8 to 64 output channels).
                           (1, 34, 3, 32), (2, 40, 3, 16), (1, 21, 3, 24), (1, 20, 3, 48),
-                          (2, 36, 3, 64)])
+                          (2, 36, 3, 64),
+                          # Rows shorter than the forward's register tile of pixels.
+                          (2, 5, 3, 32)])
 def test_standard_conv_implementations_match_xla(implementation, strides, size, channels,
                                                  features):
   rng = np.random.default_rng(size)

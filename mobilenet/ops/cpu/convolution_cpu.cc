@@ -4,14 +4,17 @@
 // As patches @ kernel, XLA writes a (N, H, W, kh*kw*C) copy of the image
 // (27 values per pixel for RGB) before the product: at batch 128, 32x32, the
 // copy and its 9 padded slices took 6-11 ms of a 25 ms eval step at alpha
-// 0.25. These loops read each input pixel where it lies instead. Output
-// channels go 8 at a time (cpu_vectors.h), up to 32 per pass so that one
-// broadcast input value feeds four vector multiply-adds; the output channel
-// count must be a multiple of 8 (convolution.py checks). Layouts: x NHWC,
-// w (kh, kw, C, O), y NHWC, float32; strides and low padding as attributes.
+// 0.25. These loops read each input pixel where it lies instead. The forward
+// pass reads a zero-padded copy of one image at a time and computes register
+// tiles of a few pixels x up to 64 output channels (the widest vectors the
+// CPU has); the filter gradient goes 8 output channels at a time
+// (cpu_vectors.h), up to 32 per pass. The output channel count must be a
+// multiple of 8 (convolution.py checks). Layouts: x NHWC, w (kh, kw, C, O),
+// y NHWC, float32; strides and low padding as attributes.
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "cpu_loops.h"
@@ -74,82 +77,116 @@ struct Window {
   }
 };
 
-// Output channels [first, first + 8 * kBlocks) of kPixels interior pixels in
-// a row, starting at the one whose window's corner is `corner`. Several
-// pixels at once, because a single pixel's sum is one chain of dependent
-// multiply-adds (27 for RGB) bound by their latency, not by throughput.
-template <int kBlocks, int kPixels>
-inline void InteriorPixels(const Geometry& g, const Window& window, const float* corner,
-                           const float* w, int64_t first, float* out) {
-  Vec8 acc[kPixels][kBlocks] = {};
-  const int64_t* offsets = window.offsets.data();
-  const int64_t size = window.offsets.size(), step = g.sw * g.c;
-  for (int64_t k = 0; k < size; ++k) {
-    Vec8 filter[kBlocks];
-    for (int b = 0; b < kBlocks; ++b) filter[b] = Load(w + k * g.o + first + b * kLanes);
+// Output pixels are computed from a zero-padded copy of their image (a few
+// KB for RGB), so that every window lies in memory and one loop serves the
+// borders too; the first version took a separate, latency-bound path for
+// the border pixels (12% of a 32x32 image's) and ran at a third of the
+// multiply-add rate.
+struct PaddedImage {
+  int64_t rows, cols;            // The padded image's size.
+  std::vector<int64_t> offsets;  // Patch entry k = (a * kw + b) * C + c from the window's corner.
+
+  explicit PaddedImage(const Geometry& g)
+      : rows(std::max(g.h + g.pt, (g.oh - 1) * g.sh + g.kh)),
+        cols(std::max(g.w + g.pl, (g.ow - 1) * g.sw + g.kw)) {
+    for (int64_t a = 0; a < g.kh; ++a)
+      for (int64_t b = 0; b < g.kw; ++b)
+        for (int64_t c = 0; c < g.c; ++c) offsets.push_back((a * cols + b) * g.c + c);
+  }
+
+  // Copies image n of x into `padded` (whose border is zero and stays so).
+  void Fill(const Geometry& g, const float* x, int64_t n, float* padded) const {
+    for (int64_t r = 0; r < g.h; ++r) {
+      std::memcpy(padded + ((r + g.pt) * cols + g.pl) * g.c, x + (n * g.h + r) * g.w * g.c,
+                  g.w * g.c * sizeof(float));
+    }
+  }
+};
+
+// kPixels output pixels of a row (the first one's window at `corner`, the
+// next ones `step` floats apart), output channels [d0, d0 + kW wide + kH
+// 8-lane vectors): a register tile of accumulators, so that one filter load
+// feeds kPixels multiply-adds and one broadcast input value kW + kH of them.
+template <int kPixels, int kW, int kH>
+inline void PixelTile(const float* corner, int64_t step, const int64_t* offsets, int64_t taps,
+                      const float* w, int64_t o, int64_t d0, float* out) {
+  using mobilenet::LanesOf;
+  using mobilenet::LoadVector;
+  using mobilenet::StoreVector;
+  using mobilenet::Wide;
+  constexpr int64_t wide = LanesOf<Wide>();
+  Wide acc[kPixels][kW > 0 ? kW : 1] = {};
+  Vec8 half[kPixels] = {};
+  for (int64_t k = 0; k < taps; ++k) {
+    const float* wk = w + k * o + d0;
+    Wide filter[kW > 0 ? kW : 1];
+    for (int v = 0; v < kW; ++v) filter[v] = mobilenet::KeepInRegister(LoadVector<Wide>(wk + v * wide));
+    Vec8 filter_half;
+    if constexpr (kH) filter_half = mobilenet::KeepInRegister(Load(wk + kW * wide));
+    const float* at = corner + offsets[k];
     for (int p = 0; p < kPixels; ++p) {
-      float v = corner[p * step + offsets[k]];
-      for (int b = 0; b < kBlocks; ++b) acc[p][b] += v * filter[b];
+      const float value = at[p * step];
+      for (int v = 0; v < kW; ++v) acc[p][v] += value * filter[v];
+      if constexpr (kH) half[p] += value * filter_half;
     }
   }
   for (int p = 0; p < kPixels; ++p) {
-    for (int b = 0; b < kBlocks; ++b) Store(out + p * g.o + first + b * kLanes, acc[p][b]);
+    for (int v = 0; v < kW; ++v) StoreVector(out + p * o + d0 + v * wide, acc[p][v]);
+    if constexpr (kH) Store(out + p * o + d0 + kW * wide, half[p]);
   }
 }
 
-// The same for one pixel whose window crosses the image's edge.
-template <int kBlocks>
-inline void BorderPixel(const Geometry& g, const float* x, const float* w, int64_t n, int64_t i,
-                        int64_t j, int64_t first, float* out) {
-  Vec8 acc[kBlocks] = {};
-  ForTaps(g, x, n, i, j, [&](const float* in, int64_t tap) {
-    const float* filter = w + tap * g.c * g.o + first;
-    for (int64_t c = 0; c < g.c; ++c) {
-      for (int b = 0; b < kBlocks; ++b) acc[b] += in[c] * Load(filter + c * g.o + b * kLanes);
+// Output row i of the padded image `padded`, channels [d0, d0 + the tile's
+// width). Tiles of kPixels pixels; where the row is not a multiple of them,
+// the last tile ends at the row's end and overlaps its predecessor (the
+// overlapped pixels are computed twice, with the same result).
+template <int kW, int kH>
+void RowTiles(const Geometry& g, const PaddedImage& image, const float* padded, const float* w,
+              int64_t i, int64_t d0, float* out) {
+  // About 8 accumulators: what keeps both multiply-add units busy through
+  // their latency, with registers left for the filter and the broadcast.
+  constexpr int kPixels = std::max(2, 8 / (kW + kH));
+  const float* row = padded + i * g.sh * image.cols * g.c;
+  const int64_t step = g.sw * g.c, taps = image.offsets.size();
+  if (g.ow < kPixels) {
+    for (int64_t j = 0; j < g.ow; ++j) {
+      PixelTile<1, kW, kH>(row + j * step, step, image.offsets.data(), taps, w, g.o, d0,
+                           out + j * g.o);
     }
-  });
-  for (int b = 0; b < kBlocks; ++b) Store(out + first + b * kLanes, acc[b]);
-}
-
-// Output channels [first, first + 8 * kBlocks) of output row (n, i).
-template <int kBlocks>
-void ForwardRow(const Geometry& g, const Window& window, const float* x, const float* w, int64_t n,
-                int64_t i, int64_t first, float* out) {
-  constexpr int kPixels = kBlocks >= 3 ? 2 : 8 / kBlocks;  // At most 8 accumulators.
-  const bool interior_row = i >= window.first_row && i < window.last_row;
-  for (int64_t j = 0; j < g.ow;) {
-    // The window's top-left corner; only formed for interior pixels, where it lies in x.
-    auto corner = [&] { return x + ((n * g.h + i * g.sh - g.pt) * g.w + j * g.sw - g.pl) * g.c; };
-    if (interior_row && j >= window.first_col && j + kPixels <= window.last_col) {
-      InteriorPixels<kBlocks, kPixels>(g, window, corner(), w, first, out + j * g.o);
-      j += kPixels;
-    } else if (interior_row && j >= window.first_col && j < window.last_col) {
-      InteriorPixels<kBlocks, 1>(g, window, corner(), w, first, out + j * g.o);
-      ++j;
-    } else {
-      BorderPixel<kBlocks>(g, x, w, n, i, j, first, out + j * g.o);
-      ++j;
-    }
+    return;
+  }
+  for (int64_t j = 0;; j += kPixels) {
+    j = std::min(j, g.ow - kPixels);
+    PixelTile<kPixels, kW, kH>(row + j * step, step, image.offsets.data(), taps, w, g.o, d0,
+                               out + j * g.o);
+    if (j + kPixels == g.ow) break;
   }
 }
 
 void Forward(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* w, float* y) {
-  const Window window(g);
+  using mobilenet::kWideTileVectors;
+  using mobilenet::LanesOf;
+  using mobilenet::TileShape;
+  using mobilenet::Wide;
+  constexpr int64_t panel = kWideTileVectors * LanesOf<Wide>();
+  const PaddedImage image(g);
+  const int64_t rest = g.o % panel;  // Output channels after the full panels: one narrower tile.
   mobilenet::ParallelFor(pool, g.n, mobilenet::NumChunks(pool, g.n),
                          [&](int64_t, int64_t lo, int64_t hi) {
+    std::vector<float> padded(image.rows * image.cols * g.c, 0.0f);
     for (int64_t n = lo; n < hi; ++n) {
+      image.Fill(g, x, n, padded.data());
       for (int64_t i = 0; i < g.oh; ++i) {
         float* out = y + (n * g.oh + i) * g.ow * g.o;
-        int64_t first = 0;
-        for (; first + kMaxBlocks * kLanes <= g.o; first += kMaxBlocks * kLanes) {
-          ForwardRow<kMaxBlocks>(g, window, x, w, n, i, first, out);
+        for (int64_t d0 = 0; d0 + panel <= g.o; d0 += panel) {
+          RowTiles<kWideTileVectors, 0>(g, image, padded.data(), w, i, d0, out);
         }
-        switch ((g.o - first) / kLanes) {
-          case 3: ForwardRow<3>(g, window, x, w, n, i, first, out); break;
-          case 2: ForwardRow<2>(g, window, x, w, n, i, first, out); break;
-          case 1: ForwardRow<1>(g, window, x, w, n, i, first, out); break;
-          default: break;
-        }
+        mobilenet::WithTile(static_cast<int>(rest / LanesOf<Wide>()), rest % LanesOf<Wide>() != 0,
+                            [&](auto shape) {
+          constexpr int kW = decltype(shape)::first_type::value;
+          constexpr int kH = decltype(shape)::second_type::value;
+          RowTiles<kW, kH>(g, image, padded.data(), w, i, g.o - rest, out);
+        });
       }
     }
   });

@@ -47,11 +47,11 @@ using mobilenet::pointwise::Epilogue;
 using mobilenet::pointwise::ForwardRows;
 using mobilenet::pointwise::HardSwishAct;
 using mobilenet::pointwise::kForwardTileRows;
-using mobilenet::pointwise::kWideTileVectors;
-using mobilenet::pointwise::LanesOf;
-using mobilenet::pointwise::LoadVector;
-using mobilenet::pointwise::StoreVector;
-using mobilenet::pointwise::Wide;
+using mobilenet::kWideTileVectors;
+using mobilenet::LanesOf;
+using mobilenet::LoadVector;
+using mobilenet::StoreVector;
+using mobilenet::Wide;
 
 constexpr int kTileRows = 6;  // Input channels per register tile.
 constexpr int64_t kBlockBytes = 192 * 1024;  // x and dy rows per block, together.

@@ -15,36 +15,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
-#include <utility>
 #include <vector>
 
 #include "cpu_vectors.h"
 
 namespace mobilenet {
 namespace pointwise {
-
-// The widest vector this CPU has, and how many of them a tile row holds.
-#if defined(__AVX512F__)
-typedef float Wide __attribute__((vector_size(64)));
-constexpr int kWideTileVectors = 4;
-#else
-typedef Vec8 Wide;
-constexpr int kWideTileVectors = 2;
-#endif
-
-template <typename V>
-constexpr int64_t LanesOf() { return sizeof(V) / sizeof(float); }
-
-template <typename V>
-V LoadVector(const float* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename V>
-void StoreVector(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
 
 // The forward's activations on any vector type: clip(z, lo, hi) (ReLU, ReLU6,
 // none) or hard-swish, as cpu_vectors.h's ActivationKind names them.
@@ -76,28 +52,6 @@ struct Epilogue {
   const float* scale;
   const float* bias;
 };
-
-template <int W, int H>
-using TileShape = std::pair<std::integral_constant<int, W>, std::integral_constant<int, H>>;
-
-// Calls body(TileShape<wide, half>{}) for a tile of `wide` Wide vectors and
-// `half` (0 or 1) 8-lane ones, as ForwardRows' last, narrower tile needs
-// (nothing for 0 x 0).
-template <typename Body>
-void WithTile(int wide, int half, Body body) {
-  switch (wide * 2 + half) {
-    case 1: return body(TileShape<0, 1>{});
-    case 2: return body(TileShape<1, 0>{});
-#if defined(__AVX512F__)
-    case 3: return body(TileShape<1, 1>{});
-    case 4: return body(TileShape<2, 0>{});
-    case 5: return body(TileShape<2, 1>{});
-    case 6: return body(TileShape<3, 0>{});
-    case 7: return body(TileShape<3, 1>{});
-#endif
-    default: return;
-  }
-}
 
 constexpr int kForwardTileRows = 6;         // Rows per register tile.
 constexpr int64_t kForwardBlockRows = 96;   // Rows per block: their chunk of x stays in L1/L2.
