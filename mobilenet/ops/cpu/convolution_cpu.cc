@@ -7,8 +7,8 @@
 // 0.25. These loops read each input pixel where it lies instead. The forward
 // pass reads a zero-padded copy of one image at a time and computes register
 // tiles of a few pixels x up to 64 output channels (the widest vectors the
-// CPU has); the filter gradient goes 8 output channels at a time
-// (cpu_vectors.h), up to 32 per pass. The output channel count must be a
+// CPU has), the filter gradient register tiles of patch positions x output
+// channels, from the same padded copy. The output channel count must be a
 // multiple of 8 (convolution.py checks). Layouts: x NHWC, w (kh, kw, C, O),
 // y NHWC, float32; strides and low padding as attributes.
 
@@ -34,54 +34,10 @@ struct Geometry {
   int64_t n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pl;
 };
 
-// The most output-channel vectors one pass accumulates.
-constexpr int kMaxBlocks = 4;
-
-// Calls tap(input_pixel, a * kw + b) for every filter tap (a, b) of output
-// pixel (n, i, j) that lands inside the image (the border pixels' path).
-template <typename Tap>
-inline void ForTaps(const Geometry& g, const float* x, int64_t n, int64_t i, int64_t j, Tap tap) {
-  for (int64_t a = 0; a < g.kh; ++a) {
-    int64_t r = i * g.sh + a - g.pt;
-    if (r < 0 || r >= g.h) continue;
-    for (int64_t b = 0; b < g.kw; ++b) {
-      int64_t q = j * g.sw + b - g.pl;
-      if (q < 0 || q >= g.w) continue;
-      tap(x + ((n * g.h + r) * g.w + q) * g.c, a * g.kw + b);
-    }
-  }
-}
-
-// Where an interior pixel's window lies: input (a, b, c) of the patch is at
-// window[k] from its top-left corner, k = (a * kw + b) * C + c (w's order).
-struct Window {
-  std::vector<int64_t> offsets;
-  int64_t first_row, last_row, first_col, last_col;  // Interior output rows and columns.
-
-  explicit Window(const Geometry& g) {
-    for (int64_t a = 0; a < g.kh; ++a)
-      for (int64_t b = 0; b < g.kw; ++b)
-        for (int64_t c = 0; c < g.c; ++c) offsets.push_back((a * g.w + b) * g.c + c);
-    auto first = [](int64_t pad, int64_t stride) { return (pad + stride - 1) / stride; };
-    auto last = [](int64_t size, int64_t k, int64_t pad, int64_t stride) {
-      return size - k + pad >= 0 ? (size - k + pad) / stride + 1 : 0;
-    };
-    first_row = std::min(first(g.pt, g.sh), g.oh);
-    last_row = std::clamp(last(g.h, g.kh, g.pt, g.sh), first_row, g.oh);
-    first_col = std::min(first(g.pl, g.sw), g.ow);
-    last_col = std::clamp(last(g.w, g.kw, g.pl, g.sw), first_col, g.ow);
-  }
-
-  bool Interior(int64_t i, int64_t j) const {
-    return i >= first_row && i < last_row && j >= first_col && j < last_col;
-  }
-};
-
-// Output pixels are computed from a zero-padded copy of their image (a few
-// KB for RGB), so that every window lies in memory and one loop serves the
-// borders too; the first version took a separate, latency-bound path for
-// the border pixels (12% of a 32x32 image's) and ran at a third of the
-// multiply-add rate.
+// Both passes read a zero-padded copy of one image at a time (a few KB for
+// RGB), so that every window lies in memory and one loop serves the borders
+// too; the first versions took a separate, latency-bound path for the border
+// pixels (12% of a 32x32 image's) and ran at a third of the multiply-add rate.
 struct PaddedImage {
   int64_t rows, cols;            // The padded image's size.
   std::vector<int64_t> offsets;  // Patch entry k = (a * kw + b) * C + c from the window's corner.
@@ -192,94 +148,97 @@ void Forward(ffi::ThreadPool& pool, const Geometry& g, const float* x, const flo
   });
 }
 
-// acc[0 .. o) += v * grad[0 .. o), o a multiple of 8.
-inline void AddScaled(float* acc, float v, const float* grad, int64_t o) {
-  for (int64_t k = 0; k < o; k += kLanes) Store(acc + k, Load(acc + k) + v * Load(grad + k));
-}
-
-// Filter-gradient entries k0 .. k0 + kTaps (patch positions, w's order) x
-// output channels [first, first + 8 * kBlocks) summed over `count` interior
-// pixels of a row, in registers, then added to `image`.
-template <int kBlocks, int kTaps>
-inline void InteriorFilterGrad(const Geometry& g, const Window& window, const float* corner,
-                               const float* grad, int64_t count, int64_t k0, int64_t first,
-                               float* image) {
-  Vec8 acc[kTaps][kBlocks] = {};
-  const int64_t* offsets = window.offsets.data() + k0;
+// Filter-gradient entries (patch positions, w's order) k0 .. k0 + kTaps x
+// output channels [d0, d0 + kW wide + kH 8-lane vectors), summed over output
+// row i's pixels in a register tile (one gradient load feeds kTaps
+// multiply-adds, one broadcast input value kW + kH of them), then added to
+// `out` (the image's (kh*kw*C, O) gradient). A row at a time, so that its
+// gradient and input rows stay in L1 across the tiles that read them.
+template <int kTaps, int kW, int kH>
+void FilterGradTile(const Geometry& g, const PaddedImage& image, const float* padded,
+                    const float* dy, int64_t i, int64_t k0, int64_t d0, float* out) {
+  using mobilenet::LanesOf;
+  using mobilenet::LoadVector;
+  using mobilenet::StoreVector;
+  using mobilenet::Wide;
+  constexpr int64_t wide = LanesOf<Wide>();
+  Wide acc[kTaps][kW > 0 ? kW : 1] = {};
+  Vec8 half[kTaps] = {};
+  int64_t offsets[kTaps];
+  for (int t = 0; t < kTaps; ++t) offsets[t] = image.offsets[k0 + t];
   const int64_t step = g.sw * g.c;
-  for (int64_t p = 0; p < count; ++p) {
-    Vec8 d[kBlocks];
-    for (int b = 0; b < kBlocks; ++b) d[b] = Load(grad + p * g.o + first + b * kLanes);
+  const float* corner = padded + i * g.sh * image.cols * g.c;
+  const float* grad = dy + i * g.ow * g.o + d0;
+  for (int64_t j = 0; j < g.ow; ++j, corner += step, grad += g.o) {
+    Wide d[kW > 0 ? kW : 1];
+    for (int v = 0; v < kW; ++v) d[v] = mobilenet::KeepInRegister(LoadVector<Wide>(grad + v * wide));
+    Vec8 d_half;
+    if constexpr (kH) d_half = mobilenet::KeepInRegister(Load(grad + kW * wide));
     for (int t = 0; t < kTaps; ++t) {
-      float v = corner[p * step + offsets[t]];
-      for (int b = 0; b < kBlocks; ++b) acc[t][b] += v * d[b];
+      const float value = corner[offsets[t]];
+      for (int v = 0; v < kW; ++v) acc[t][v] += value * d[v];
+      if constexpr (kH) half[t] += value * d_half;
     }
   }
   for (int t = 0; t < kTaps; ++t) {
-    for (int b = 0; b < kBlocks; ++b) {
-      float* out = image + (k0 + t) * g.o + first + b * kLanes;
-      Store(out, Load(out) + acc[t][b]);
+    float* row = out + (k0 + t) * g.o + d0;
+    for (int v = 0; v < kW; ++v) {
+      StoreVector(row + v * wide, LoadVector<Wide>(row + v * wide) + acc[t][v]);
     }
+    if constexpr (kH) Store(row + kW * wide, Load(row + kW * wide) + half[t]);
   }
 }
 
-// All patch positions for output channels [first, first + 8 * kBlocks) over
-// the interior pixels [first_col, last_col) of row (n, i).
-template <int kBlocks>
-void InteriorRowFilterGrad(const Geometry& g, const Window& window, const float* x, const float* dy,
-                           int64_t n, int64_t i, int64_t first, float* image) {
-  constexpr int kTaps = kBlocks >= 3 ? 2 : 8 / kBlocks;  // At most 8 accumulators.
-  const int64_t j = window.first_col, count = window.last_col - window.first_col;
-  const float* corner = x + ((n * g.h + i * g.sh - g.pt) * g.w + j * g.sw - g.pl) * g.c;
-  const float* grad = dy + ((n * g.oh + i) * g.ow + j) * g.o;
-  const int64_t size = window.offsets.size();
+// All patch positions for one run of output channels: tiles of 9 positions
+// (a 3x3 RGB patch is 27) where the run is one or two vectors wide, else 3
+// (about 9-18 accumulators), and single positions for what is left.
+template <int kW, int kH>
+void FilterGradColumns(const Geometry& g, const PaddedImage& image, const float* padded,
+                       const float* dy, int64_t i, int64_t d0, float* out) {
+  constexpr int kTaps = kW + kH <= 2 ? 9 : 3;
+  const int64_t taps = image.offsets.size();
   int64_t k0 = 0;
-  for (; k0 + kTaps <= size; k0 += kTaps) {
-    InteriorFilterGrad<kBlocks, kTaps>(g, window, corner, grad, count, k0, first, image);
+  for (; k0 + kTaps <= taps; k0 += kTaps) {
+    FilterGradTile<kTaps, kW, kH>(g, image, padded, dy, i, k0, d0, out);
   }
-  for (; k0 < size; ++k0) {
-    InteriorFilterGrad<kBlocks, 1>(g, window, corner, grad, count, k0, first, image);
-  }
+  for (; k0 < taps; ++k0) FilterGradTile<1, kW, kH>(g, image, padded, dy, i, k0, d0, out);
 }
 
 // dw[a,b,c,o] = sum_{n,i,j} x[n, i*sh+a-pt, j*sw+b-pl, c] * dy[n,i,j,o]:
-// float32 per image (in an L1-sized buffer), double across images.
+// float32 per image (from its zero-padded copy, as the forward pass reads
+// it), double across images.
 void FilterGrad(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* dy,
                 float* dw) {
-  const Window window(g);
+  using mobilenet::kWideTileVectors;
+  using mobilenet::LanesOf;
+  using mobilenet::Wide;
+  constexpr int64_t panel = kWideTileVectors * LanesOf<Wide>();
+  const PaddedImage image(g);
   const int64_t size = g.kh * g.kw * g.c * g.o;
+  const int64_t rest = g.o % panel;
   const int64_t chunks = mobilenet::NumChunks(pool, g.n);
   std::vector<double> totals(chunks * size, 0.0);
   mobilenet::ParallelFor(pool, g.n, chunks, [&](int64_t chunk, int64_t lo, int64_t hi) {
-    std::vector<float> image(size);
+    std::vector<float> padded(image.rows * image.cols * g.c, 0.0f);
+    std::vector<float> per_image(size);
     double* total = totals.data() + chunk * size;
     for (int64_t n = lo; n < hi; ++n) {
-      std::fill(image.begin(), image.end(), 0.0f);
+      image.Fill(g, x, n, padded.data());
+      std::fill(per_image.begin(), per_image.end(), 0.0f);
+      const float* grad = dy + n * g.oh * g.ow * g.o;
       for (int64_t i = 0; i < g.oh; ++i) {
-        const bool interior_row = i >= window.first_row && i < window.last_row;
-        if (interior_row && window.last_col > window.first_col) {
-          int64_t first = 0;
-          for (; first + kMaxBlocks * kLanes <= g.o; first += kMaxBlocks * kLanes) {
-            InteriorRowFilterGrad<kMaxBlocks>(g, window, x, dy, n, i, first, image.data());
-          }
-          switch ((g.o - first) / kLanes) {
-            case 3: InteriorRowFilterGrad<3>(g, window, x, dy, n, i, first, image.data()); break;
-            case 2: InteriorRowFilterGrad<2>(g, window, x, dy, n, i, first, image.data()); break;
-            case 1: InteriorRowFilterGrad<1>(g, window, x, dy, n, i, first, image.data()); break;
-            default: break;
-          }
+        for (int64_t d0 = 0; d0 + panel <= g.o; d0 += panel) {
+          FilterGradColumns<kWideTileVectors, 0>(g, image, padded.data(), grad, i, d0,
+                                                 per_image.data());
         }
-        for (int64_t j = 0; j < g.ow; ++j) {
-          if (interior_row && j >= window.first_col && j < window.last_col) continue;
-          const float* grad = dy + ((n * g.oh + i) * g.ow + j) * g.o;
-          ForTaps(g, x, n, i, j, [&](const float* in, int64_t tap) {
-            for (int64_t c = 0; c < g.c; ++c) {
-              AddScaled(image.data() + (tap * g.c + c) * g.o, in[c], grad, g.o);
-            }
-          });
-        }
+        mobilenet::WithTile(static_cast<int>(rest / LanesOf<Wide>()), rest % LanesOf<Wide>() != 0,
+                            [&](auto shape) {
+          constexpr int kW = decltype(shape)::first_type::value;
+          constexpr int kH = decltype(shape)::second_type::value;
+          FilterGradColumns<kW, kH>(g, image, padded.data(), grad, i, g.o - rest, per_image.data());
+        });
       }
-      for (int64_t k = 0; k < size; ++k) total[k] += image[k];
+      for (int64_t k = 0; k < size; ++k) total[k] += per_image[k];
     }
   });
   mobilenet::SumChunks(totals, chunks, size, dw);
