@@ -26,9 +26,14 @@ namespace ffi = xla::ffi;
 namespace {
 
 using mobilenet::kLanes;
+using mobilenet::kWideTileVectors;
+using mobilenet::LanesOf;
 using mobilenet::Load;
+using mobilenet::LoadVector;
 using mobilenet::Store;
+using mobilenet::StoreVector;
 using mobilenet::Vec8;
+using mobilenet::Wide;
 
 struct Geometry {
   int64_t n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pl;
@@ -66,10 +71,6 @@ struct PaddedImage {
 template <int kPixels, int kW, int kH>
 inline void PixelTile(const float* corner, int64_t step, const int64_t* offsets, int64_t taps,
                       const float* w, int64_t o, int64_t d0, float* out) {
-  using mobilenet::LanesOf;
-  using mobilenet::LoadVector;
-  using mobilenet::StoreVector;
-  using mobilenet::Wide;
   constexpr int64_t wide = LanesOf<Wide>();
   Wide acc[kPixels][kW > 0 ? kW : 1] = {};
   Vec8 half[kPixels] = {};
@@ -120,10 +121,6 @@ void RowTiles(const Geometry& g, const PaddedImage& image, const float* padded, 
 }
 
 void Forward(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* w, float* y) {
-  using mobilenet::kWideTileVectors;
-  using mobilenet::LanesOf;
-  using mobilenet::TileShape;
-  using mobilenet::Wide;
   constexpr int64_t panel = kWideTileVectors * LanesOf<Wide>();
   const PaddedImage image(g);
   const int64_t rest = g.o % panel;  // Output channels after the full panels: one narrower tile.
@@ -157,10 +154,6 @@ void Forward(ffi::ThreadPool& pool, const Geometry& g, const float* x, const flo
 template <int kTaps, int kW, int kH>
 void FilterGradTile(const Geometry& g, const PaddedImage& image, const float* padded,
                     const float* dy, int64_t i, int64_t k0, int64_t d0, float* out) {
-  using mobilenet::LanesOf;
-  using mobilenet::LoadVector;
-  using mobilenet::StoreVector;
-  using mobilenet::Wide;
   constexpr int64_t wide = LanesOf<Wide>();
   Wide acc[kTaps][kW > 0 ? kW : 1] = {};
   Vec8 half[kTaps] = {};
@@ -209,9 +202,6 @@ void FilterGradColumns(const Geometry& g, const PaddedImage& image, const float*
 // it), double across images.
 void FilterGrad(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* dy,
                 float* dw) {
-  using mobilenet::kWideTileVectors;
-  using mobilenet::LanesOf;
-  using mobilenet::Wide;
   constexpr int64_t panel = kWideTileVectors * LanesOf<Wide>();
   const PaddedImage image(g);
   const int64_t size = g.kh * g.kw * g.c * g.o;
