@@ -522,8 +522,7 @@ void InputGradVectorized(ffi::ThreadPool& pool, const Geometry& g, const float* 
 
 // The taps of one input line (row or column) r of a strided layer: the
 // output lines i = (r + pad - a) / stride that read it, through filter tap a
-// (at most ceil(K / stride) of them; 1 to 4 input pixels' worth for 3x3,
-// stride 2).
+// (at most ceil(K / stride) of them, K along an axis of stride 1; K <= 5).
 struct LineTaps {
   int64_t count = 0;
   int64_t tap[5], line[5];
@@ -545,11 +544,11 @@ std::vector<LineTaps> TapsPerLine(int64_t size, int64_t out_size, int64_t stride
 }
 
 // Input gradient at stride > 1, 3x3 or 5x5, channels a multiple of 8:
-// gathered, one input pixel at a time, from the 1 to ceil(K / stride)^2
-// gradient pixels that read it, vector by vector of channels, and written
-// once. (The general loop below scatters every gradient pixel into K*K
-// input pixels with a read-modify-write each, at a third to a quarter of
-// this rate: 4 ms of a stride-2 layer's backward at 32x32x64, batch 128.)
+// gathered, one input pixel at a time, from the gradient pixels that read it
+// (1 to 4 for 3x3 at stride 2), channels innermost while the pixel is in L1,
+// and written once. The general loop below scatters every gradient pixel into
+// K*K input pixels with a read-modify-write each and took 1.5-3x as long
+// (docs/performance.md, thirteenth round).
 void InputGradStrided(ffi::ThreadPool& pool, const Geometry& g, const float* dy, const float* f,
                       float* dx) {
   const std::vector<LineTaps> rows = TapsPerLine(g.h, g.oh, g.sh, g.pt, g.kh);
