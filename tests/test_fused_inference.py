@@ -178,11 +178,60 @@ def test_separable_inference_matches_its_definition(size, spatial, channels, out
                                jnp.stack([have, run(2 * x)]), rtol=1e-5, atol=1e-5)
     grads = jax.grad(lambda k: jnp.sum(run(x, k) ** 2))(kernel)
     want_grads = jax.grad(lambda k: jnp.sum(separable._separable_xla(
-        x, k, a, b, a2, b2, w, scale, bias, added,
+        x, k, a, b, a2, b2, w, scale, bias, added, None,
         (strides, 'SAME', depthwise.explicit_padding(spatial, (size, size), strides, 'SAME'),
          before, after)) ** 2))(kernel)
     np.testing.assert_allclose(grads, want_grads, rtol=1e-3, atol=1e-3)
     if cpu_kernels.available():  # The one kernel, not the two operations, computed it.
+      hlo = jax.jit(run).lower(x).as_text()
+      assert 'mobilenet_separable_inference' in hlo and 'mobilenet_pointwise_inference' not in hlo
+
+
+@pytest.mark.parametrize('size,spatial,block_channels,channels,out_channels,activations', [
+    (3, (70, 64), 24, 64, 24, (jax.nn.relu6, jax.nn.relu6)),  # V2: bands share expanded rows.
+    (5, (9, 8), 16, 40, None, (jax.nn.hard_swish, jax.nn.hard_swish)),  # SE's: no projection.
+    (3, (13, 11), 12, 72, 40, (jax.nn.relu, jax.nn.relu)),  # 12 summed; 40 = 32 + 8 outputs.
+    (5, (4, 4), 16, 48, 24, (jax.nn.relu, jax.nn.hard_swish)),  # A map no larger than the filter.
+])
+def test_separable_inference_with_the_expansion_matches_its_definition(
+    size, spatial, block_channels, channels, out_channels, activations):
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(3, *spatial, block_channels)), jnp.float32)
+  expand = jnp.asarray(rng.normal(size=(block_channels, channels)) / np.sqrt(block_channels),
+                       jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(size, size, 1, channels)), jnp.float32)
+  a, b, a2, b2 = (jnp.asarray(rng.normal(size=channels), jnp.float32) for _ in range(4))
+  projecting = out_channels is not None
+  w = (jnp.asarray(rng.normal(size=(channels, out_channels)) / np.sqrt(channels), jnp.float32)
+       if projecting else None)
+  scale = jnp.asarray(rng.uniform(0.5, 2.0, out_channels), jnp.float32) if projecting else None
+  bias = jnp.asarray(rng.normal(size=out_channels), jnp.float32) if projecting else None
+  before, after = activations
+  for strides in ((1, 1), (2, 2)):
+    residual = x if projecting and strides == (1, 1) and out_channels == block_channels else None
+    run = jax.jit(lambda x, k=kernel: separable.separable_inference(
+        x, k, w, input_affine=(a, b), output_affine=(a2, b2), input_activation=before,
+        output_activation=after, scale=scale, bias=bias, residual=residual, expand_kernel=expand,
+        strides=strides))
+    # Its definition, on XLA's operations throughout.
+    expanded = jnp.einsum('...c,cd->...d', x, expand, precision=jax.lax.Precision.HIGHEST)
+    want = after(depthwise.depthwise_conv(before(expanded * a + b), kernel, strides=strides,
+                                          implementation='xla') * a2 + b2)
+    if projecting:
+      want = jnp.einsum('...c,cd->...d', want, w, precision=jax.lax.Precision.HIGHEST)
+      want = want * scale + bias + (0 if residual is None else residual)
+    have = run(x)
+    assert have.shape == want.shape and np.std(want) > 0.1
+    np.testing.assert_allclose(have, want, rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(jax.vmap(run)(jnp.stack([x, 2 * x])),
+                               jnp.stack([have, run(2 * x)]), rtol=1e-5, atol=1e-5)
+    grads = jax.grad(lambda k: jnp.sum(run(x, k) ** 2))(kernel)
+    want_grads = jax.grad(lambda k: jnp.sum(separable._separable_xla(
+        x, k, a, b, a2, b2, w, scale, bias, residual, expand,
+        (strides, 'SAME', depthwise.explicit_padding(spatial, (size, size), strides, 'SAME'),
+         before, after)) ** 2))(kernel)
+    np.testing.assert_allclose(grads, want_grads, rtol=1e-3, atol=1e-3)
+    if cpu_kernels.available():  # The one kernel computed the expansion and the projection.
       hlo = jax.jit(run).lower(x).as_text()
       assert 'mobilenet_separable_inference' in hlo and 'mobilenet_pointwise_inference' not in hlo
 

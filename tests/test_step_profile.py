@@ -15,6 +15,8 @@ from mobilenet.training import config_base
     ('jit(train_step)/jvp(MobileNet)/block_03/depthwise_bn/ffi_call', 'batch_norm_activation'),
     ('jit(eval_step)/block_03/depthwise_project/ffi_call', 'depthwise_pointwise'),
     ('jit(eval_step)/block_01/depthwise_pointwise/ffi_call', 'depthwise_pointwise'),
+    ('jit(eval_step)/block_05/expand_depthwise_project/ffi_call', 'depthwise_pointwise'),
+    ('jit(eval_step)/block_06/expand_depthwise/ffi_call', 'depthwise_pointwise'),
     ('jit(train_step)/jvp(MobileNet)/stem/bn/ffi_call', 'batch_norm_activation'),
     ('jit(train_step)/jvp(MobileNet)/stem/conv/ffi_call', 'standard'),
     ('jit(train_step)/jvp(MobileNet)/block_03/se/squeeze/dot_general', 'squeeze_excite'),

@@ -10,8 +10,9 @@ pass, `transpose(jvp(MobileNet))/block_03/depthwise/...`):
 - 'depthwise', 'pointwise', 'standard' (the stem and other dense k x k
   convolutions), 'dense' (classifier, pre-logits): the layers of
   counting.layer_specs, forward and backward;
-- 'depthwise_pointwise' (eval only): a depthwise layer and the 1x1 layer after
-  it computed by one kernel (ops/separable.py), with both layers' arithmetic;
+- 'depthwise_pointwise' (eval only): a depthwise layer and the 1x1 layers
+  around it computed by one kernel (ops/separable.py: the product after it, an
+  inverted residual block's expansion before it, or both), with their arithmetic;
 - 'batch_norm_activation': every BatchNorm with its activation, except a
   V2/V3 expansion's when it is fused into the depthwise layer
   (ops/norm_depthwise.py): that one runs inside the depthwise layer's call
@@ -42,7 +43,7 @@ import json
 import os
 import re
 import tempfile
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -54,9 +55,10 @@ from mobilenet.models import counting
 
 KINDS = ('depthwise', 'pointwise', 'depthwise_pointwise', 'standard', 'dense',
          'batch_norm_activation', 'squeeze_excite', 'residual_and_glue', 'loss_optimizer_other')
-# Fused inference's one-kernel depthwise layer + the next product (ops/separable.py), e.g.
-# 'block_03/depthwise_project': group 1 is the block.
-_SEPARABLE = re.compile(r'/(\w+)/depthwise_(?:pointwise|project)/')
+# Fused inference's one kernel for a depthwise layer and the 1x1 products around it
+# (ops/separable.py), e.g. 'block_03/expand_depthwise_project': group 1 is the block, group 2
+# the layers it computes, joined by '_'.
+_SEPARABLE = re.compile(r'/(\w+)/(expand_depthwise(?:_project)?|depthwise_(?:pointwise|project))/')
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name="([^"]*)"',
                           re.MULTILINE)
 
@@ -136,14 +138,15 @@ def _idle_microseconds(events: List[Dict[str, Any]], operations) -> float:
 
 
 def _flops_per_image(config: ml_collections.ConfigDict, products: int = 3,
-                     separable_blocks=frozenset()) -> Dict[str, float]:
+                     separable_layers: Optional[Dict[str, set]] = None) -> Dict[str, float]:
   """FLOPs per image by kind of layer: 2 per mult-add, times `products` (training: forward and
-  two backward products; eval: 1). The depthwise and 1x1 layers of `separable_blocks` count as
-  'depthwise_pointwise', the one kernel that computes them."""
+  two backward products; eval: 1). The layers of `separable_layers` (block -> {'expand',
+  'depthwise', 'project'}, say) count as 'depthwise_pointwise', the one kernel that computes
+  them."""
   flops = collections.Counter()
   for spec in counting.model_layer_specs(config):
     block, _, layer = spec.name.partition('/')
-    fused = block in separable_blocks and layer in ('depthwise', 'pointwise', 'project')
+    fused = layer in (separable_layers or {}).get(block, ())
     flops['depthwise_pointwise' if fused else _layer_kind(spec)] += products * 2 * spec.mult_adds
   return flops
 
@@ -191,7 +194,8 @@ def profile_train_step(config: ml_collections.ConfigDict, *, warmup: int = 2, st
   operations = sum(1 for event in events if event['name'] in kinds) / steps
   total_ms = sum(per_kind.values())
   flops = _flops_per_image(config, products=3 if step == 'train' else 1,
-                           separable_blocks=set(_SEPARABLE.findall(hlo_text)))
+                           separable_layers={block: set(layers.split('_')) for block, layers
+                                             in _SEPARABLE.findall(hlo_text)})
   rows = []
   for kind in KINDS:
     ms = per_kind.get(kind, 0.0)

@@ -22,7 +22,9 @@ blocks up to 256 channels, every inverted residual block without
 squeeze-and-excitation), one kernel computes both
 (`separable.separable_inference`): the depthwise output goes into the product
 band by band while in cache, never to memory (docs/performance.md, twelfth
-round).
+round). The same kernel computes an inverted residual block's expansion band by
+band into the depthwise layer's input, where the map is larger than the filter,
+so the expanded channels never go to memory either (fourteenth round).
 
 `inference_fn(model)` returns a function `(variables, images) -> logits`
 computing `model.apply(variables, images, train=False)` this way, or None when
@@ -76,11 +78,13 @@ class _Pending:
     return self.activation(self.raw * self.affine[0] + self.affine[1])
 
 
-def inference_fn(model: MobileNet, separable: bool = True) -> Optional[Callable]:
+def inference_fn(model: MobileNet, separable: bool = True,
+                 expansion: bool = True) -> Optional[Callable]:
   """`(variables, images) -> logits` in inference mode with the BatchNorms fused, or None.
 
-  `separable=False` keeps every depthwise layer and 1x1 product a kernel call of its own (to
-  measure what the one-kernel form brings: bench/eval_paths.py).
+  `separable=False` keeps every depthwise layer and 1x1 product a kernel call of its own,
+  `expansion=False` every expansion (to measure what the one-kernel forms bring:
+  bench/eval_paths.py).
   """
   if unsupported_reason(model) is not None:
     return None
@@ -105,7 +109,7 @@ def inference_fn(model: MobileNet, separable: bool = True) -> Optional[Callable]
       if stage.kind == 'separable':
         x = _separable(stage, x, params, affine, separable)
       elif stage.kind == 'inverted_residual':
-        x = _inverted_residual(stage, x, params, affine, separable)
+        x = _inverted_residual(stage, x, params, affine, separable, expansion)
       else:  # The last 1x1 convolution (V2, V3), its BatchNorm + activation in the product's pass.
         scale, bias = affine(stage.name, 'bn')
         inputs = _value(x)
@@ -163,17 +167,21 @@ def _depthwise(stage: architectures.Stage, x: _Pending, params, affine) -> jnp.n
         strides=(stage.stride, stage.stride))
 
 
-def _depthwise_then_product(stage, x: _Pending, params, affine, product: str, scale, bias,
-                            residual=None) -> jnp.ndarray:
+def _depthwise_then_product(stage, x: _Pending, params, affine, product: Optional[str], scale=None,
+                            bias=None, residual=None, expand=None) -> jnp.ndarray:
   """The stage's depthwise layer and `(. @ product kernel) * scale + bias + residual` in one
-  kernel: the depthwise output rows go into the product while in cache (ops/separable.py)."""
+  kernel: the depthwise output rows go into the product while in cache (ops/separable.py). With
+  `expand` (the expansion's kernel; x pending the expansion's BatchNorm on the block input) the
+  expansion too; without `product`, the depthwise output."""
   output_affine = affine(stage.name, 'depthwise_bn')
-  with jax.named_scope(f'{stage.name}/depthwise_{product}'):
+  layers = '_'.join(['expand'] * (expand is not None) + ['depthwise'] + [product] * bool(product))
+  with jax.named_scope(f'{stage.name}/{layers}'):
     return separable.separable_inference(
-        x.raw, params[stage.name]['depthwise']['kernel'], _kernel(params, stage.name, product),
+        x.raw, params[stage.name]['depthwise']['kernel'],
+        None if product is None else _kernel(params, stage.name, product),
         input_affine=x.affine, output_affine=output_affine, input_activation=x.activation,
         output_activation=blocks.ACTIVATIONS[stage.activation], scale=scale, bias=bias,
-        residual=residual, strides=(stage.stride, stage.stride))
+        residual=residual, expand_kernel=expand, strides=(stage.stride, stage.stride))
 
 
 def _separable(stage, x, params, affine, one_kernel: bool) -> _Pending:
@@ -202,22 +210,38 @@ def _squeeze_excite_gate(y, se, name: str) -> jnp.ndarray:
     return _dense(s, se['excite'], jax.nn.hard_sigmoid)
 
 
-def _inverted_residual(stage, x, params, affine, one_kernel: bool) -> jnp.ndarray:
+def _expansion_fuses(stage, inputs, kernel) -> bool:
+  """Whether the depthwise kernel computes the expansion band by band: where its product runs on
+  the C++ kernel anyway, over maps larger than the filter (on those no larger, a few rows per
+  image, the product's register tiles would read the whole kernel for every row or two)."""
+  return (pointwise.kernel_product_pays(*kernel.shape)
+          and max(inputs.shape[1:3]) > stage.kernel_size)
+
+
+def _inverted_residual(stage, x, params, affine, one_kernel: bool,
+                       expansion: bool) -> jnp.ndarray:
   if stage.residual or stage.expanded_channels or not isinstance(x, _Pending):
     inputs = _value(x)  # Read again by the expansion or the residual add: materialized once.
     x = _identity_pending(inputs)
+  expand = None
   if stage.expanded_channels:
-    with jax.named_scope(f'{stage.name}/expand'):
-      expanded = _product(inputs, _kernel(params, stage.name, 'expand'))
-    x = _Pending(expanded, affine(stage.name, 'expand_bn'), blocks.ACTIVATIONS[stage.activation],
+    kernel = _kernel(params, stage.name, 'expand')
+    expand_bn = (affine(stage.name, 'expand_bn'), blocks.ACTIVATIONS[stage.activation],
                  f'{stage.name}/expand_bn')
+    if one_kernel and expansion and _expansion_fuses(stage, inputs, kernel):  # Expanded in the depthwise kernel.
+      expand, x = kernel, _Pending(inputs, *expand_bn)
+    else:
+      with jax.named_scope(f'{stage.name}/expand'):
+        x = _Pending(_product(inputs, kernel), *expand_bn)
   scale, bias = affine(stage.name, 'project_bn')
   residual = inputs if stage.residual else None
   if one_kernel and not stage.se_channels:  # Linear bottleneck: no activation, the input added back.
-    return _depthwise_then_product(stage, x, params, affine, 'project', scale, bias, residual)
-  y = _depthwise(stage, x, params, affine)
+    return _depthwise_then_product(stage, x, params, affine, 'project', scale, bias, residual,
+                                   expand)
   # Squeeze-and-excitation's gate needs the whole depthwise output first: the projection is a pass
   # of its own, with the gate on its input.
+  y = (_depthwise_then_product(stage, x, params, affine, None, expand=expand) if expand is not None
+       else _depthwise(stage, x, params, affine))
   gate = (_squeeze_excite_gate(y, params[stage.name]['se'], stage.name) if stage.se_channels
           else None)
   with jax.named_scope(f'{stage.name}/project'):

@@ -1,19 +1,23 @@
-"""A depthwise layer and the 1x1 product after it as one inference kernel.
+"""A depthwise layer and the 1x1 products around it as one inference kernel.
 
 `separable_inference` computes
 
-    y = (out_act(depthwise(in_act(x * a + b)) * a2 + b2) @ w) * scale + bias + residual
+    y = (out_act(depthwise(in_act(e(x) * a + b)) * a2 + b2) @ w) * scale + bias + residual
 
 i.e. `depthwise.depthwise_conv_inference` followed by a linear
-`pointwise.pointwise_inference`. On the C++ kernel (`depthwise_cpu.cc`'s
-`SeparableInference`) each band of the depthwise layer's output rows goes from
-a per-thread buffer straight into the product's register tiles, so the depthwise
-output (a V2/V3 block's expanded channels, a V1 block's input to its pointwise
-layer) never goes to memory and back: models/fused_inference.py uses it for
-V1's separable blocks where the product runs on the C++ kernel anyway, and for
-every inverted residual block without squeeze-and-excitation (whose gate needs
-the whole depthwise output first). Elsewhere, and for gradients, it is the two
-operations in turn, which are its definition (tests/test_fused_inference.py).
+`pointwise.pointwise_inference`, where e(x) is x, or an inverted residual
+block's expansion x @ expand_kernel; without w, the depthwise output. On the C++
+kernel (`depthwise_cpu.cc`'s `SeparableInference`) each band of the depthwise
+layer's input rows is expanded into a per-thread buffer, and each band of its
+output rows goes from a per-thread buffer straight into the projection's
+register tiles, so neither the expanded channels nor the depthwise output (a
+V1 block's input to its pointwise layer) go to memory and back.
+models/fused_inference.py uses it for V1's separable blocks where the product
+runs on the C++ kernel anyway, and for every inverted residual block: with its
+expansion where the map is larger than the filter, and without the projection
+where squeeze-and-excitation's gate needs the whole depthwise output first.
+Elsewhere, and for gradients, it is the operations in turn, which are its
+definition (tests/test_fused_inference.py).
 """
 import functools
 
@@ -25,26 +29,35 @@ from mobilenet.ops.cpu import calls
 from mobilenet.ops.cpu import kernels as cpu_kernels
 
 
-def separable_inference(inputs, depthwise_kernel, pointwise_kernel, *, input_affine,
-                        output_affine, input_activation, output_activation, scale, bias,
-                        residual=None, strides=(1, 1), padding: depthwise.Padding = 'SAME'):
+def separable_inference(inputs, depthwise_kernel, pointwise_kernel=None, *, input_affine,
+                        output_affine, input_activation, output_activation, scale=None, bias=None,
+                        residual=None, expand_kernel=None, strides=(1, 1),
+                        padding: depthwise.Padding = 'SAME'):
   """The depthwise inference layer, then `(. @ pointwise_kernel) * scale + bias + residual`.
 
   `inputs` NHWC, `depthwise_kernel` (k, k, 1, C), `input_affine` / `output_affine`
   and the two activations as `depthwise.depthwise_conv_inference` takes them;
   `pointwise_kernel` (C, D), `scale` and `bias` (D,), `residual` (N, OH, OW, D) or
-  None. float32.
+  None. `pointwise_kernel` None returns the depthwise layer's output. With
+  `expand_kernel` (c, C), `inputs` is an inverted residual block's input
+  (N, H, W, c) and the depthwise layer's input is `inputs @ expand_kernel`, to
+  which `input_affine` and `input_activation` (the expansion's BatchNorm) apply.
+  float32.
   """
   kh, kw, _, channels = depthwise_kernel.shape
   pads = depthwise.explicit_padding(inputs.shape[1:3], (kh, kw), strides, padding)
   f32 = lambda value: None if value is None else jnp.asarray(value, jnp.float32)
   operands = (f32(inputs), f32(depthwise_kernel), *map(f32, input_affine),
               *map(f32, output_affine), f32(pointwise_kernel), f32(scale), f32(bias),
-              f32(residual))
+              f32(residual), f32(expand_kernel))
   settings = (tuple(strides), padding, pads, input_activation, output_activation)
+  depthwise_input = channels if expand_kernel is None else expand_kernel.shape[0]
   on_kernel = (cpu_kernels.available() and kh == kw and kh in (3, 5)
-               and inputs.shape[-1] == channels and channels % 8 == 0
-               and pointwise_kernel.shape[-1] % 8 == 0 and min(pads[0] + pads[1]) >= 0
+               and inputs.shape[-1] == depthwise_input and channels % 8 == 0
+               and (expand_kernel is None or expand_kernel.shape[-1] == channels)
+               and (pointwise_kernel is None or pointwise_kernel.shape[-1] % 8 == 0)
+               and (pointwise_kernel is not None or residual is None)
+               and min(pads[0] + pads[1]) >= 0
                and {input_activation, output_activation} <= set(batch_norm.KERNEL_ACTIVATIONS))
   if on_kernel:
     return _separable_kernel(*operands, settings)
@@ -52,31 +65,37 @@ def separable_inference(inputs, depthwise_kernel, pointwise_kernel, *, input_aff
 
 
 def _separable_xla(inputs, kernel, in_scale, in_bias, out_scale, out_bias, pointwise_kernel,
-                   scale, bias, residual, settings):
-  """The definition: the two inference operations in turn (and the VJP)."""
+                   scale, bias, residual, expand_kernel, settings):
+  """The definition: the operations in turn (and the VJP)."""
   strides, padding, _, input_activation, output_activation = settings
+  if expand_kernel is not None:
+    inputs = pointwise.pointwise_conv_xla(inputs, expand_kernel)
   y = depthwise.depthwise_conv_inference(
       inputs, kernel, input_affine=(in_scale, in_bias), output_affine=(out_scale, out_bias),
       input_activation=input_activation, output_activation=output_activation, strides=strides,
       padding=padding)
+  if pointwise_kernel is None:
+    return y
   return pointwise.pointwise_inference(y, pointwise_kernel, scale=scale, bias=bias,
                                        activation=batch_norm.identity, residual=residual)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(11,))
 def _separable_kernel(inputs, kernel, in_scale, in_bias, out_scale, out_bias, pointwise_kernel,
-                      scale, bias, residual, settings):
+                      scale, bias, residual, expand_kernel, settings):
   strides, _, pads, input_activation, output_activation = settings
   kh, kw, _, channels = kernel.shape
   out_h = depthwise.output_size(inputs.shape[1], kh, strides[0], pads[0])
   out_w = depthwise.output_size(inputs.shape[2], kw, strides[1], pads[1])
-  out_shape = (inputs.shape[0], out_h, out_w, pointwise_kernel.shape[-1])
-  empty = jnp.zeros((0,), jnp.float32)  # No residual.
+  out_channels = channels if pointwise_kernel is None else pointwise_kernel.shape[-1]
+  out_shape = (inputs.shape[0], out_h, out_w, out_channels)
+  empty = jnp.zeros((0,), jnp.float32)  # An operand left out.
+  given = lambda value: empty if value is None else value
   out, = calls.kernel_call(
       'mobilenet_separable_inference', [jax.ShapeDtypeStruct(out_shape, jnp.float32)],
       [inputs, kernel.reshape(kh, kw, channels), in_scale, in_bias, out_scale, out_bias,
-       pointwise_kernel, scale, bias, empty if residual is None else residual],
-      batched=(True,) + (False,) * 8 + (residual is not None,),
+       given(pointwise_kernel), given(scale), given(bias), given(residual), given(expand_kernel)],
+      batched=(True,) + (False,) * 8 + (residual is not None, False),
       **depthwise.strided_attributes(strides, pads),
       **depthwise.activation_attributes('in', input_activation),
       **depthwise.activation_attributes('out', output_activation))

@@ -157,9 +157,11 @@ void ForwardVectorized(ffi::ThreadPool& pool, const Geometry& g, const float* x,
 using mobilenet::kClip;
 using mobilenet::kHardSwish;
 
+// Pointwise(): the same map on any vector width, for an expansion's product (pointwise_tiles.h).
 struct ClipActivation {
   Vec8 lo, hi;
   Vec8 operator()(Vec8 z) const { return mobilenet::Clip(z, lo, hi); }
+  mobilenet::pointwise::ClipAct Pointwise() const { return {lo[0], hi[0]}; }
 };
 
 struct HardSwishActivation {
@@ -167,6 +169,7 @@ struct HardSwishActivation {
     const Vec8 zero = {}, six = zero + 6.0f;
     return z * mobilenet::Clip(z + 3.0f, zero, six) * (1.0f / 6.0f);
   }
+  mobilenet::pointwise::HardSwishAct Pointwise() const { return {}; }
 };
 
 struct Affine {
@@ -332,27 +335,74 @@ void InferenceForward(ffi::ThreadPool& pool, const Geometry& g, const float* x, 
   });
 }
 
-// Inference with the next 1x1 product fused in (models/fused_inference.py): each band of this
-// layer's output rows, computed as InferenceForward computes it, goes into a per-thread buffer and
-// from there, while in cache, into the product's register tiles (pointwise_tiles.h):
-// y = InferenceForward(x) @ w * pw.scale + pw.bias + residual. The depthwise output (V2/V3's
-// expanded channels, V1's widest tensor but one) is never written to memory and read back. The
-// epilogue is linear: V1's raw product (its BatchNorm pending for the next depthwise layer), or an
-// inverted residual block's projection with its BatchNorm and residual add. The band is smaller
-// than InferenceForward's (kSeparableBandBytes): its output rows must stay in L2 too.
+// Inference with the 1x1 products around the depthwise layer fused in (models/fused_inference.py):
+//   y = InferenceForward(x) @ w * pw.scale + pw.bias + residual,
+// or, with an inverted residual block's expansion in front, InferenceForward of the expanded input
+// in_act(x @ expansion.w * in.scale + in.bias). Each band of the depthwise layer's input rows is
+// expanded into a per-thread buffer (the rows it shares with the band before kept, not
+// recomputed), and each band of its output rows goes into a per-thread buffer and from there,
+// while in cache, into the projection's register tiles (pointwise_tiles.h); w == nullptr leaves
+// the projection out (squeeze-and-excitation's gate needs the whole depthwise output first) and
+// writes the depthwise output. Neither the expanded channels nor the depthwise output is written
+// to memory and read back. The projection's epilogue is linear: V1's raw product (its BatchNorm
+// pending for the next depthwise layer), or an inverted residual block's projection with its
+// BatchNorm and residual add. The band is smaller than InferenceForward's (kSeparableBandBytes):
+// its output rows must stay in L2 too.
 constexpr int64_t kSeparableBandBytes = 256 * 1024;
 
+// A V2/V3 block's expansion in front of the depthwise layer: the block's input (N, H, W, c) and
+// the (c, C) kernel whose product, with the depthwise layer's `in` BatchNorm + activation, is the
+// depthwise layer's input.
+struct Expansion {
+  const float* x;
+  const float* w;
+  int64_t c;
+};
+
+// The expansion of `pixels` consecutive pixels of the block input from pixel `first` (counted
+// over the whole batch) into `out`, `channels` values each.
+template <typename InActivation>
+void ExpandPixels(const Expansion& e, const Affine& in, InActivation in_act, int64_t channels,
+                  int64_t first, int64_t pixels, float* out) {
+  mobilenet::pointwise::ForwardRows(e.x + first * e.c, nullptr, 1, e.w, {in.scale, in.bias},
+                                    in_act.Pointwise(), nullptr, 0, pixels, e.c, channels, out);
+}
+
+// The image rows an expanded band buffer holds: [lo, hi), row lo first.
+struct HeldRows {
+  int64_t lo = 0, hi = 0;
+};
+
+// Image n's rows [r0, r1) expanded into `expanded` (row r at (r - r0) * w * C): the rows the
+// buffer already holds from the band before moved to the front, the others computed.
+template <typename InActivation>
+void ExpandBand(const Geometry& g, const Expansion& e, const Affine& in, InActivation in_act,
+                int64_t n, int64_t r0, int64_t r1, HeldRows& held, float* expanded) {
+  const int64_t row = g.w * g.c;
+  int64_t from = r0;
+  if (held.lo <= r0 && r0 < held.hi) {
+    from = std::min(held.hi, r1);
+    std::memmove(expanded, expanded + (r0 - held.lo) * row, sizeof(float) * (from - r0) * row);
+  }
+  if (r1 > from) {
+    ExpandPixels(e, in, in_act, g.c, (n * g.h + from) * g.w, (r1 - from) * g.w,
+                 expanded + (from - r0) * row);
+  }
+  held = {r0, r1};
+}
+
+// g: the depthwise layer's geometry (its input's height and width are the block input's).
 template <int K, typename InActivation, typename OutActivation>
 void SeparableInference(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* f,
                         const Affine& in, InActivation in_act, const Affine& out,
-                        OutActivation out_act, const float* w, int64_t d,
-                        const mobilenet::pointwise::Epilogue& pw, const float* residual,
-                        float* y) {
-  const bool small = SmallMap(g);
+                        OutActivation out_act, const Expansion* expansion, const float* w,
+                        int64_t d, const mobilenet::pointwise::Epilogue& pw,
+                        const float* residual, float* y) {
+  const bool small = SmallMap(g), project = w != nullptr;
   const Bands bands = MakeBands<K>(g, kSeparableBandBytes);
   const int64_t band_oh = small ? g.oh : bands.band_oh;
   const Geometry padded{1, 0, bands.row_values / g.c, g.c, K, K, 0, g.ow, g.sh, g.sw, 0, 0};
-  const Columns all{0, g.ow};
+  const Columns all{0, g.ow}, interior = InteriorColumns(g.w, g.ow, g.sw, g.pl, K);
   auto epilogue = [&](Vec8 acc, int64_t cb) {
     return out_act(acc * Load(out.scale + cb) + Load(out.bias + cb));
   };
@@ -361,9 +411,15 @@ void SeparableInference(ffi::ThreadPool& pool, const Geometry& g, const float* x
   // band would read all of w for each few rows.
   const int64_t capacity =
       std::max(band_oh * g.ow, kSeparableBandBytes / static_cast<int64_t>(sizeof(float) * g.c));
+  // The depthwise input: activated (padded) or expanded (unpadded, bounds-checked at the borders)
+  // band by band, or a whole small map.
+  const int64_t buffer = small       ? g.h * g.w * g.c
+                         : expansion ? bands.band_rows * g.w * g.c
+                                     : bands.band_rows * bands.row_values;
   ForImages(pool, g.n, mobilenet::NumChunks(pool, g.n), [&](int64_t lo, int64_t hi, int64_t) {
-    std::vector<float> activated(small ? g.h * g.w * g.c : bands.band_rows * bands.row_values, 0.0f);
-    std::vector<float> gathered(capacity * g.c);
+    std::vector<float> activated(buffer, 0.0f);
+    std::vector<float> zeros(expansion ? g.w * g.c : 0, 0.0f);  // Rows above and below the image.
+    std::vector<float> gathered(project ? capacity * g.c : 0);
     int64_t first_row = lo * g.oh * g.ow, filled = 0;  // Gathered: rows [first_row, + filled) of y.
     auto flush = [&] {
       mobilenet::pointwise::ForwardRows(gathered.data(), nullptr, 1, w, pw,
@@ -375,20 +431,32 @@ void SeparableInference(ffi::ThreadPool& pool, const Geometry& g, const float* x
     };
     for (int64_t n = lo; n < hi; ++n) {
       const float* image = x + n * g.h * g.w * g.c;
-      if (small) ActivateImage(g, image, in, in_act, activated.data());
+      HeldRows held;
+      if (small && expansion) {
+        ExpandPixels(*expansion, in, in_act, g.c, n * g.h * g.w, g.h * g.w, activated.data());
+      } else if (small) {
+        ActivateImage(g, image, in, in_act, activated.data());
+      }
       for (int64_t first = 0; first < g.oh; first += band_oh) {
         const int64_t rows_out = std::min(band_oh, g.oh - first);
-        if (filled + rows_out * g.ow > capacity) flush();
-        float* out = gathered.data() + filled * g.c;
+        if (project && filled + rows_out * g.ow > capacity) flush();
+        float* out = project ? gathered.data() + filled * g.c : y + (n * g.oh + first) * g.ow * g.c;
         if (small) {
           SmallMapImage<K>(g, activated.data(), f, out, epilogue);
+        } else if (expansion) {
+          const int64_t top = first * g.sh - g.pt;  // The band's first input row, maybe padding.
+          const int64_t r0 = std::max<int64_t>(0, top);
+          const int64_t r1 = std::min(g.h, top + (rows_out - 1) * g.sh + K);
+          ExpandBand(g, *expansion, in, in_act, n, r0, r1, held, activated.data());
+          const Geometry band{1, r1 - r0, g.w, g.c, K, K, rows_out, g.ow, g.sh, g.sw, r0 - top, g.pl};
+          ForwardImage<K>(band, interior, activated.data(), zeros.data(), f, out, epilogue);
         } else {
           Geometry band = padded;
           band.h = ActivateBand<K>(g, bands, image, in, in_act, first, rows_out, activated.data());
           band.oh = rows_out;
           ForwardImage<K>(band, all, activated.data(), nullptr, f, out, epilogue);
         }
-        filled += rows_out * g.ow;
+        if (project) filled += rows_out * g.ow;
       }
     }
     if (filled > 0) flush();
@@ -773,36 +841,45 @@ ffi::Error InferenceForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
-// x: (N, H, W, C); f: (K, K, C); the four affine vectors (C); w: (C, D); pw_scale, pw_bias (D);
-// residual: (N, OH, OW, D) or empty; y: (N, OH, OW, D).
+// x: (N, H, W, C), or the block input (N, H, W, c) with expand (c, C); f: (K, K, C); the four
+// affine vectors (C); w: (C, D), or empty to leave the projection out (then D = C); pw_scale,
+// pw_bias (D) (empty without w); residual: (N, OH, OW, D) or empty; y: (N, OH, OW, D).
 ffi::Error SeparableInferenceImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                   ffi::Buffer<ffi::F32> f, ffi::Buffer<ffi::F32> in_scale,
                                   ffi::Buffer<ffi::F32> in_bias, ffi::Buffer<ffi::F32> out_scale,
                                   ffi::Buffer<ffi::F32> out_bias, ffi::Buffer<ffi::F32> w,
                                   ffi::Buffer<ffi::F32> pw_scale, ffi::Buffer<ffi::F32> pw_bias,
-                                  ffi::Buffer<ffi::F32> residual, ffi::ResultBuffer<ffi::F32> y,
-                                  int64_t sh, int64_t sw, int64_t pt, int64_t pl, int32_t in_kind,
-                                  float in_lo, float in_hi, int32_t out_kind, float out_lo,
-                                  float out_hi) {
+                                  ffi::Buffer<ffi::F32> residual, ffi::Buffer<ffi::F32> expand,
+                                  ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw,
+                                  int64_t pt, int64_t pl, int32_t in_kind, float in_lo,
+                                  float in_hi, int32_t out_kind, float out_lo, float out_hi) {
   Geometry g = MakeGeometry(x.dimensions(), f.dimensions(), y->dimensions(), sh, sw, pt, pl);
+  const int64_t block_channels = g.c;
+  const bool expanding = expand.element_count() != 0, projecting = w.element_count() != 0;
+  g.c = f.dimensions().back();
   ffi::Error error = CheckFused(g, {in_kind, out_kind});
   if (error.failure()) return error;
-  const int64_t d = w.dimensions().back();
+  const int64_t d = projecting ? w.dimensions().back() : g.c;
   const int64_t rows = g.n * g.oh * g.ow;
   if (d % kLanes != 0) return ffi::Error::InvalidArgument("output channels must be a multiple of 8");
-  if (w.element_count() != g.c * d || y->element_count() != rows * d ||
-      pw_scale.element_count() != d || pw_bias.element_count() != d ||
-      (residual.element_count() != 0 && residual.element_count() != rows * d)) {
-    return ffi::Error::InvalidArgument("shapes: w (C, D), pw_scale and pw_bias (D), residual and "
-                                       "y (N, OH, OW, D)");
+  if ((expanding ? expand.element_count() != block_channels * g.c : block_channels != g.c) ||
+      (projecting && (w.element_count() != g.c * d || pw_scale.element_count() != d ||
+                      pw_bias.element_count() != d)) ||
+      y->element_count() != rows * d ||
+      (residual.element_count() != 0 && (!projecting || residual.element_count() != rows * d))) {
+    return ffi::Error::InvalidArgument("shapes: x (N, H, W, C) or (N, H, W, c) with expand (c, C), "
+                                       "w (C, D) or empty, pw_scale and pw_bias (D), residual "
+                                       "(N, OH, OW, D) or empty, y (N, OH, OW, D)");
   }
   const Affine in{in_scale.typed_data(), in_bias.typed_data(), in_kind, in_lo, in_hi};
   const Affine out{out_scale.typed_data(), out_bias.typed_data(), out_kind, out_lo, out_hi};
   const mobilenet::pointwise::Epilogue pw{pw_scale.typed_data(), pw_bias.typed_data()};
   const float* res = residual.element_count() > 0 ? residual.typed_data() : nullptr;
+  const Expansion expansion{x.typed_data(), expand.typed_data(), block_channels};
   WithInferenceInstance(g, in, out, [&](auto k, auto in_act, auto out_act) {
     SeparableInference<decltype(k)::value>(pool, g, x.typed_data(), f.typed_data(), in, in_act,
-                                           out, out_act, w.typed_data(), d, pw, res,
+                                           out, out_act, expanding ? &expansion : nullptr,
+                                           projecting ? w.typed_data() : nullptr, d, pw, res,
                                            y->typed_data());
   });
   return ffi::Error::Success();
@@ -894,6 +971,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeparableInferenceForward, SeparableInferenceImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // pw_scale
                                   .Arg<ffi::Buffer<ffi::F32>>()  // pw_bias
                                   .Arg<ffi::Buffer<ffi::F32>>()  // residual
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // expand
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("sh")
                                   .Attr<int64_t>("sw")
