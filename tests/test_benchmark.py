@@ -55,6 +55,11 @@ def test_the_depthwise_kernel_benchmark_parses_shapes_and_times_all_three_calls(
   assert row['layer'] == '4x2x3x16 5x5/1'
   assert all(row[key] > 0 for key in ('forward_ms', 'filter_grad_ms', 'input_grad_ms'))
   assert 'filter grad ms' in depthwise_kernels.format_rows([row])
+  expanded = depthwise_kernels.Layer.parse('4x6x6x16k3s2e8')
+  assert expanded == depthwise_kernels.Layer(4, 6, 6, 16, 3, 2, expanded_from=8)
+  row, = depthwise_kernels.time_layers([expanded], warmup=1, steps=3)
+  assert row['layer'] == '4x6x6x16 3x3/2 from 8' and row['expanded_forward_ms'] > 0
+  assert 'expanded forward ms' in depthwise_kernels.format_rows([row])
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason='needs a C++ compiler')

@@ -190,6 +190,7 @@ def test_separable_inference_matches_its_definition(size, spatial, channels, out
 @pytest.mark.parametrize('size,spatial,block_channels,channels,out_channels,activations', [
     (3, (70, 64), 24, 64, 24, (jax.nn.relu6, jax.nn.relu6)),  # V2: bands share expanded rows.
     (5, (9, 8), 16, 40, None, (jax.nn.hard_swish, jax.nn.hard_swish)),  # SE's: no projection.
+    (5, (40, 36), 16, 96, 24, (jax.nn.hard_swish, jax.nn.relu)),  # 5x5 bands: the padded copy.
     (3, (13, 11), 12, 72, 40, (jax.nn.relu, jax.nn.relu)),  # 12 summed; 40 = 32 + 8 outputs.
     (5, (4, 4), 16, 48, 24, (jax.nn.relu, jax.nn.hard_swish)),  # A map no larger than the filter.
 ])

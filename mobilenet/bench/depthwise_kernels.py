@@ -10,42 +10,52 @@ by 10-30% between runs; these isolate one layer's kernels, e.g. the maps no
 larger than the filter of V3's last blocks in the 32x32 form. Each call is
 jitted on its own, run on random float32 inputs (hard-swish on both sides of
 the forward), and timed as the median of `steps` calls after `warmup`.
+
+A layer written with an expansion ('16x7x7x576k5s1e96': its input expanded from
+96 channels) also times fused inference's call that computes the expansion band
+by band inside the depthwise kernel (`separable.separable_inference` with
+`expand_kernel` and no projection), from the block's 96-channel input.
 """
 import dataclasses
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mobilenet.bench import benchmark
-from mobilenet.ops import depthwise
+from mobilenet.ops import depthwise, separable
 from mobilenet.ops.cpu import kernels as cpu_kernels
 
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
-  """A depthwise layer: batch, input height and width, channels, filter size, stride."""
+  """A depthwise layer: batch, input height and width, channels, filter size, stride, and the
+  channels its input is expanded from (an inverted residual block's), if any."""
   batch: int
   height: int
   width: int
   channels: int
   kernel_size: int
   stride: int
+  expanded_from: Optional[int] = None
 
   @classmethod
   def parse(cls, text: str) -> 'Layer':
-    """'128x2x2x576k5s1' -> Layer(128, 2, 2, 576, 5, 1)."""
+    """'128x2x2x576k5s1' -> Layer(128, 2, 2, 576, 5, 1); '...s1e96' -> expanded_from=96."""
     shape, rest = text.lower().split('k')
     size, stride = rest.split('s')
+    stride, _, expanded_from = stride.partition('e')
     dimensions = [int(value) for value in shape.split('x')]
     if len(dimensions) != 4:
       raise ValueError(f'{text}: four dimensions before k, not {len(dimensions)}')
-    return cls(*dimensions, int(size), int(stride))
+    return cls(*dimensions, int(size), int(stride),
+               int(expanded_from) if expanded_from else None)
 
   def label(self) -> str:
+    expansion = f' from {self.expanded_from}' if self.expanded_from else ''
     return (f'{self.batch}x{self.height}x{self.width}x{self.channels} '
-            f'{self.kernel_size}x{self.kernel_size}/{self.stride}')
+            f'{self.kernel_size}x{self.kernel_size}/{self.stride}{expansion}')
 
 
 def _median_ms(fn, args, warmup: int, steps: int) -> float:
@@ -53,7 +63,8 @@ def _median_ms(fn, args, warmup: int, steps: int) -> float:
 
 
 def time_layer(layer: Layer, *, warmup: int = 5, steps: int = 100, seed: int = 0) -> Dict[str, float]:
-  """Milliseconds of the forward, filter-gradient and input-gradient calls for `layer`."""
+  """Milliseconds of the forward, filter-gradient and input-gradient calls for `layer`, and of
+  the forward with the expansion inside it where `layer` has one."""
   if not cpu_kernels.available():
     raise RuntimeError(f'the C++ CPU kernels are unavailable: {cpu_kernels.error()}')
   rng = np.random.default_rng(seed)
@@ -71,9 +82,18 @@ def time_layer(layer: Layer, *, warmup: int = 5, steps: int = 100, seed: int = 0
       x, g, scale, bias, (k, k, c), strides=s, pads=pads, input_activation=jax.nn.hard_swish))
   input_grad = jax.jit(lambda g: depthwise.input_grad_kernel_call(g, kernel, x.shape, strides=s,
                                                                   pads=pads))
-  return {'forward_ms': _median_ms(forward, (x,), warmup, steps),
-          'filter_grad_ms': _median_ms(filter_grad, (x, g), warmup, steps),
-          'input_grad_ms': _median_ms(input_grad, (g,), warmup, steps)}
+  times = {'forward_ms': _median_ms(forward, (x,), warmup, steps),
+           'filter_grad_ms': _median_ms(filter_grad, (x, g), warmup, steps),
+           'input_grad_ms': _median_ms(input_grad, (g,), warmup, steps)}
+  if layer.expanded_from:
+    block_input = normal(layer.batch, layer.height, layer.width, layer.expanded_from)
+    expand = normal(layer.expanded_from, c) / np.sqrt(layer.expanded_from)
+    expanded_forward = jax.jit(lambda x: separable.separable_inference(
+        x, kernel[:, :, None], input_affine=(scale, bias), output_affine=(scale, bias),
+        input_activation=jax.nn.hard_swish, output_activation=jax.nn.hard_swish,
+        expand_kernel=expand, strides=s))
+    times['expanded_forward_ms'] = _median_ms(expanded_forward, (block_input,), warmup, steps)
+  return times
 
 
 def time_layers(layers: Sequence[Layer], **kwargs) -> List[Dict[str, object]]:
@@ -82,8 +102,11 @@ def time_layers(layers: Sequence[Layer], **kwargs) -> List[Dict[str, object]]:
 
 
 def format_rows(rows: Sequence[Dict[str, object]]) -> str:
-  lines = [f"{'layer':<26}{'forward ms':>12}{'filter grad ms':>16}{'input grad ms':>15}"]
+  lines = [f"{'layer':<34}{'forward ms':>12}{'filter grad ms':>16}{'input grad ms':>15}"
+           f"{'expanded forward ms':>21}"]
   for row in rows:
-    lines.append(f"{row['layer']:<26}{row['forward_ms']:>12.3f}{row['filter_grad_ms']:>16.3f}"
-                 f"{row['input_grad_ms']:>15.3f}")
+    expanded = row.get('expanded_forward_ms')
+    lines.append(f"{row['layer']:<34}{row['forward_ms']:>12.3f}{row['filter_grad_ms']:>16.3f}"
+                 f"{row['input_grad_ms']:>15.3f}"
+                 f"{'-' if expanded is None else f'{expanded:.3f}':>21}")
   return '\n'.join(lines)
