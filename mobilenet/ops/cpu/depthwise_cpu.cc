@@ -456,8 +456,8 @@ void SeparableInference(ffi::ThreadPool& pool, const Geometry& g, const float* x
   // The depthwise input: a whole small map, or band by band, activated into a padded buffer or
   // expanded. An expanded band is read where it was computed, bounds-checked at the border
   // columns, or (5x5: two checked columns on each side, 25 taps each; 4 of a 7x7 map's 7) from a
-  // padded copy. Measured both ways (docs/performance.md, fourteenth round): the copy was 6-20%
-  // faster for 5x5 filters and 4-13% slower for 3x3 ones.
+  // padded copy: measured both ways, the copy paid for 5x5 filters and not for 3x3 ones
+  // (docs/performance.md, fourteenth round).
   constexpr bool kPaddedCopy = K == 5;
   const int64_t buffer = small                        ? g.h * g.w * g.c
                          : expansion && !kPaddedCopy ? 0
