@@ -228,8 +228,8 @@ def _inverted_residual(stage, x, params, affine, one_kernel: bool,
     kernel = _kernel(params, stage.name, 'expand')
     expand_bn = (affine(stage.name, 'expand_bn'), blocks.ACTIVATIONS[stage.activation],
                  f'{stage.name}/expand_bn')
-    if one_kernel and expansion and _expansion_fuses(stage, inputs, kernel):  # Expanded in the depthwise kernel.
-      expand, x = kernel, _Pending(inputs, *expand_bn)
+    if one_kernel and expansion and _expansion_fuses(stage, inputs, kernel):
+      expand, x = kernel, _Pending(inputs, *expand_bn)  # Expanded inside the depthwise kernel.
     else:
       with jax.named_scope(f'{stage.name}/expand'):
         x = _Pending(_product(inputs, kernel), *expand_bn)
