@@ -138,6 +138,20 @@ def test_fused_pointwise_matches_its_definition(shape, out_channels, activation,
     assert 'mobilenet_pointwise_inference' in hlo
 
 
+def _check_batched_differentiated_and_one_kernel(run, x, kernel, have, definition):
+  """`run(x, kernel)` (which gave `have`) vmapped (calls.py folds the vmapped axis into the batch),
+  differentiated (its gradient is `definition(kernel)`'s: the operations in turn), and computed by
+  the one kernel, no 1x1 product a call of its own."""
+  np.testing.assert_allclose(jax.vmap(run)(jnp.stack([x, 2 * x])),
+                             jnp.stack([have, run(2 * x)]), rtol=1e-5, atol=1e-5)
+  grads = jax.grad(lambda k: jnp.sum(run(x, k) ** 2))(kernel)
+  want_grads = jax.grad(lambda k: jnp.sum(definition(k) ** 2))(kernel)
+  np.testing.assert_allclose(grads, want_grads, rtol=1e-3, atol=1e-3)
+  if cpu_kernels.available():
+    hlo = jax.jit(run).lower(x).as_text()
+    assert 'mobilenet_separable_inference' in hlo and 'mobilenet_pointwise_inference' not in hlo
+
+
 @pytest.mark.parametrize('size,spatial,channels,out_channels,activations,residual', [
     (3, (9, 8), 16, 32, (jax.nn.relu, jax.nn.relu), False),  # V1: 32 = 2 x 16 or 1 x 32 lanes.
     (3, (70, 64), 64, 136, (jax.nn.relu6, jax.nn.relu6), True),  # Bands; 2 panels + 8; V2's add.
@@ -172,19 +186,11 @@ def test_separable_inference_matches_its_definition(size, spatial, channels, out
     have = run(x)
     assert have.shape == out_shape and np.std(want) > 0.1
     np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-4)
-    # vmapped (calls.py folds the vmapped axis into the batch) and differentiated (the definition's
-    # VJP).
-    np.testing.assert_allclose(jax.vmap(run)(jnp.stack([x, 2 * x])),
-                               jnp.stack([have, run(2 * x)]), rtol=1e-5, atol=1e-5)
-    grads = jax.grad(lambda k: jnp.sum(run(x, k) ** 2))(kernel)
-    want_grads = jax.grad(lambda k: jnp.sum(separable._separable_xla(
-        x, k, a, b, a2, b2, w, scale, bias, added, None,
-        (strides, 'SAME', depthwise.explicit_padding(spatial, (size, size), strides, 'SAME'),
-         before, after)) ** 2))(kernel)
-    np.testing.assert_allclose(grads, want_grads, rtol=1e-3, atol=1e-3)
-    if cpu_kernels.available():  # The one kernel, not the two operations, computed it.
-      hlo = jax.jit(run).lower(x).as_text()
-      assert 'mobilenet_separable_inference' in hlo and 'mobilenet_pointwise_inference' not in hlo
+    settings = (strides, 'SAME', depthwise.explicit_padding(spatial, (size, size), strides, 'SAME'),
+                before, after)
+    _check_batched_differentiated_and_one_kernel(
+        run, x, kernel, have, lambda k: separable._separable_xla(
+            x, k, a, b, a2, b2, w, scale, bias, added, None, settings))
 
 
 @pytest.mark.parametrize('size,spatial,block_channels,channels,out_channels,activations', [
@@ -224,17 +230,11 @@ def test_separable_inference_with_the_expansion_matches_its_definition(
     have = run(x)
     assert have.shape == want.shape and np.std(want) > 0.1
     np.testing.assert_allclose(have, want, rtol=2e-4, atol=2e-4)
-    np.testing.assert_allclose(jax.vmap(run)(jnp.stack([x, 2 * x])),
-                               jnp.stack([have, run(2 * x)]), rtol=1e-5, atol=1e-5)
-    grads = jax.grad(lambda k: jnp.sum(run(x, k) ** 2))(kernel)
-    want_grads = jax.grad(lambda k: jnp.sum(separable._separable_xla(
-        x, k, a, b, a2, b2, w, scale, bias, residual, expand,
-        (strides, 'SAME', depthwise.explicit_padding(spatial, (size, size), strides, 'SAME'),
-         before, after)) ** 2))(kernel)
-    np.testing.assert_allclose(grads, want_grads, rtol=1e-3, atol=1e-3)
-    if cpu_kernels.available():  # The one kernel computed the expansion and the projection.
-      hlo = jax.jit(run).lower(x).as_text()
-      assert 'mobilenet_separable_inference' in hlo and 'mobilenet_pointwise_inference' not in hlo
+    settings = (strides, 'SAME', depthwise.explicit_padding(spatial, (size, size), strides, 'SAME'),
+                before, after)
+    _check_batched_differentiated_and_one_kernel(  # The expansion and projection inside it too.
+        run, x, kernel, have, lambda k: separable._separable_xla(
+            x, k, a, b, a2, b2, w, scale, bias, residual, expand, settings))
 
 
 @needs_kernels
