@@ -63,7 +63,7 @@ def test_the_depthwise_kernel_benchmark_parses_shapes_and_times_all_three_calls(
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason='needs a C++ compiler')
-def test_the_eval_paths_comparison_times_all_four_forward_passes_in_turn():
+def test_the_eval_paths_comparison_times_all_five_forward_passes_in_turn():
   config = config_base.base_config()
   config.model.name, config.model.width_multiplier = 'mobilenet_v2', 0.35
   config.model.resolution, config.batch_size = 32, 4
@@ -72,10 +72,11 @@ def test_the_eval_paths_comparison_times_all_four_forward_passes_in_turn():
   for path in eval_paths.PATHS:
     assert row[f'{path}_ms'] > 0
   assert row['fused_speedup'] > 0 and row['layer_by_layer_speedup'] > 0
-  assert row['expansion_speedup'] > 0
+  assert row['expansion_speedup'] > 0 and row['stem_speedup'] > 0
   assert eval_paths.format_row(row).split()[0] == 'mobilenet_v2'
-  # Only the one-kernel paths compute a depthwise layer and its product together, and only
-  # 'fused' the expansions in that kernel too (fewer 1x1 products of their own).
+  # Only the one-kernel paths compute a depthwise layer and its product together, only those
+  # with the expansion the expansions in that kernel too (fewer 1x1 products of their own), and
+  # only those with the stem the stem (no convolution kernel of its own).
   model = model_lib.create_model(config.model)
   images = benchmark.synthetic_batch(config)['image']
   variables = model.init(jax.random.key(0), images)
@@ -87,7 +88,11 @@ def test_the_eval_paths_comparison_times_all_four_forward_passes_in_turn():
   products = {name: text.count('@mobilenet_pointwise_inference(')
               for name, text in hlo.items()}
   assert 0 < products['fused'] < products['fused_expansion_apart']
-  for name in ('fused', 'fused_expansion_apart'):
+  assert products['fused'] == products['fused_stem_apart']
+  stem_calls = {name: text.count('@mobilenet_conv_forward(') for name, text in hlo.items()}
+  assert stem_calls['fused'] == stem_calls['fused_expansion_apart'] == 0
+  assert stem_calls['fused_stem_apart'] == stem_calls['fused_two_kernels'] == 1
+  for name in ('fused', 'fused_expansion_apart', 'fused_stem_apart'):
     np.testing.assert_allclose(jax.jit(passes[name])(variables, images),
                                jax.jit(passes['fused_two_kernels'])(variables, images),
                                rtol=1e-4, atol=1e-4)

@@ -187,10 +187,10 @@ def test_separable_inference_matches_its_definition(size, spatial, channels, out
     assert have.shape == out_shape and np.std(want) > 0.1
     np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-4)
     settings = (strides, 'SAME', depthwise.explicit_padding(spatial, (size, size), strides, 'SAME'),
-                before, after)
+                before, after, None, False)
     _check_batched_differentiated_and_one_kernel(
         run, x, kernel, have, lambda k: separable._separable_xla(
-            x, k, a, b, a2, b2, w, scale, bias, added, None, settings))
+            x, k, a, b, a2, b2, w, scale, bias, added, None, None, settings))
 
 
 @pytest.mark.parametrize('size,spatial,block_channels,channels,out_channels,activations', [
@@ -231,10 +231,60 @@ def test_separable_inference_with_the_expansion_matches_its_definition(
     assert have.shape == want.shape and np.std(want) > 0.1
     np.testing.assert_allclose(have, want, rtol=2e-4, atol=2e-4)
     settings = (strides, 'SAME', depthwise.explicit_padding(spatial, (size, size), strides, 'SAME'),
-                before, after)
+                before, after, None, False)
     _check_batched_differentiated_and_one_kernel(  # The expansion and projection inside it too.
         run, x, kernel, have, lambda k: separable._separable_xla(
-            x, k, a, b, a2, b2, w, scale, bias, residual, expand, settings))
+            x, k, a, b, a2, b2, w, scale, bias, residual, expand, None, settings))
+
+
+@pytest.mark.parametrize('stem_strides,spatial,channels,size,out_channels,activations,add_input', [
+    (1, (9, 8), 16, 3, 32, (jax.nn.relu, jax.nn.relu), False),  # V1, V2 at 32x32: stride-1 stem.
+    (2, (150, 64), 64, 3, 16, (jax.nn.relu6, jax.nn.relu6), False),  # 224: bands share stem rows.
+    (2, (33, 31), 24, 5, None, (jax.nn.hard_swish, jax.nn.relu), False),  # Odd; no projection.
+    (1, (4, 4), 16, 5, 24, (jax.nn.hard_swish, jax.nn.hard_swish), False),  # No larger than K.
+    # V3-Large's first block: the stem's activated output added back (stride 1 only).
+    (2, (150, 64), 16, 3, 16, (jax.nn.hard_swish, jax.nn.relu), True),
+    (1, (4, 4), 8, 5, 8, (jax.nn.hard_swish, jax.nn.relu), True),
+])
+def test_separable_inference_with_the_stem_matches_its_definition(
+    stem_strides, spatial, channels, size, out_channels, activations, add_input):
+  rng = np.random.default_rng(7)
+  images = jnp.asarray(rng.normal(size=(3, *spatial, 3)), jnp.float32)
+  stem = jnp.asarray(rng.normal(size=(3, 3, 3, channels)) / np.sqrt(27), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(size, size, 1, channels)), jnp.float32)
+  a, b, a2, b2 = (jnp.asarray(rng.normal(size=channels), jnp.float32) for _ in range(4))
+  projecting = out_channels is not None
+  w = (jnp.asarray(rng.normal(size=(channels, out_channels)) / np.sqrt(channels), jnp.float32)
+       if projecting else None)
+  scale = jnp.asarray(rng.uniform(0.5, 2.0, out_channels), jnp.float32) if projecting else None
+  bias = jnp.asarray(rng.normal(size=out_channels), jnp.float32) if projecting else None
+  before, after = activations
+  stem_out = jax.lax.conv_general_dilated(images, stem, (stem_strides,) * 2, 'SAME',
+                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                          precision=jax.lax.Precision.HIGHEST)
+  for strides in ((1, 1),) if add_input else ((1, 1), (2, 2)):
+    run = jax.jit(lambda x, k=kernel: separable.separable_inference(
+        x, k, w, input_affine=(a, b), output_affine=(a2, b2), input_activation=before,
+        output_activation=after, scale=scale, bias=bias, stem_kernel=stem,
+        stem_strides=stem_strides, residual_from_input=add_input, strides=strides))
+    # Its definition, on XLA's operations throughout.
+    want = after(depthwise.depthwise_conv(before(stem_out * a + b), kernel, strides=strides,
+                                          implementation='xla') * a2 + b2)
+    if projecting:
+      want = jnp.einsum('...c,cd->...d', want, w, precision=jax.lax.Precision.HIGHEST)
+      want = want * scale + bias + (before(stem_out * a + b) if add_input else 0)
+    have = run(images)
+    assert have.shape == want.shape and np.std(want) > 0.1
+    np.testing.assert_allclose(have, want, rtol=2e-4, atol=2e-4)
+    settings = (strides, 'SAME', depthwise.explicit_padding(stem_out.shape[1:3], (size, size),
+                                                            strides, 'SAME'),
+                before, after, (stem_strides, depthwise.explicit_padding(
+                    spatial, (3, 3), (stem_strides,) * 2, 'SAME'), stem_out.shape[1:3]), add_input)
+    _check_batched_differentiated_and_one_kernel(  # The stem and projection inside it too.
+        run, images, kernel, have, lambda k: separable._separable_xla(
+            images, k, a, b, a2, b2, w, scale, bias, None, None, stem, settings))
+    if cpu_kernels.available():
+      assert 'mobilenet_conv_forward' not in jax.jit(run).lower(images).as_text()
 
 
 @needs_kernels

@@ -17,6 +17,7 @@ from mobilenet.training import config_base
     ('jit(eval_step)/block_01/depthwise_pointwise/ffi_call', 'depthwise_pointwise'),
     ('jit(eval_step)/block_05/expand_depthwise_project/ffi_call', 'depthwise_pointwise'),
     ('jit(eval_step)/block_06/expand_depthwise/ffi_call', 'depthwise_pointwise'),
+    ('jit(eval_step)/block_01/stem_depthwise_project/ffi_call', 'depthwise_pointwise'),
     ('jit(train_step)/jvp(MobileNet)/stem/bn/ffi_call', 'batch_norm_activation'),
     ('jit(train_step)/jvp(MobileNet)/stem/conv/ffi_call', 'standard'),
     ('jit(train_step)/jvp(MobileNet)/block_03/se/squeeze/dot_general', 'squeeze_excite'),
@@ -33,6 +34,15 @@ def test_operations_go_to_the_layer_kind_that_emitted_them(op_name, kind):
                                          f'metadata={{op_name="{op_name}" stack_frame_id=3}}',
                                          config)
   assert kinds == {'op.1': kind}
+
+
+def test_the_one_kernel_counts_the_arithmetic_of_the_layers_it_computes():
+  hlo = ('metadata={op_name="jit(eval_step)/block_01/stem_depthwise/ffi_call"}\n'
+         'metadata={op_name="jit(eval_step)/block_02/expand_depthwise_project/ffi_call"}\n'
+         'metadata={op_name="jit(eval_step)/block_04/depthwise/ffi_call"}')
+  assert step_profile._separable_layers(hlo) == {
+      'stem': {'conv'}, 'block_01': {'depthwise'},
+      'block_02': {'expand', 'depthwise', 'project'}}
 
 
 def test_idle_time_is_the_span_of_the_operations_less_the_time_any_of_them_ran():
@@ -78,12 +88,13 @@ def test_a_profiled_fused_eval_step_gives_its_kernels_to_their_layers():
   assert config.model.fused_inference
   profile = step_profile.profile_train_step(config, warmup=1, steps=2, step='eval')
   by_kind = {row['kind']: row for row in profile['kinds']}
-  for kind in ('depthwise', 'pointwise', 'depthwise_pointwise', 'standard', 'dense',
+  for kind in ('depthwise', 'pointwise', 'depthwise_pointwise', 'dense',
                'batch_norm_activation', 'squeeze_excite'):
     assert by_kind[kind]['ms_per_step'] > 0, kind
   # V3-Small's blocks 2 and 3 (no squeeze-and-excitation) on the one-kernel depthwise + projection,
-  # their arithmetic with them.
+  # their arithmetic with them; the stem inside block 1's kernel, no standard convolution left.
   assert by_kind['depthwise_pointwise']['gflop_s'] > 0 and by_kind['depthwise']['gflop_s'] > 0
+  assert by_kind['standard']['ms_per_step'] == 0
   # Only the eval's own sums (loss, top-k, pooling) are left unattributed.
   assert by_kind['loss_optimizer_other']['share'] < 0.2
   assert profile['step'] == 'eval' and profile['eval_img_s'] > 0

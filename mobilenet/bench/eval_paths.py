@@ -1,20 +1,23 @@
-"""What each inference fusion brings: the model's forward pass four ways, timed in one process.
+"""What each inference fusion brings: the model's forward pass five ways, timed in one process.
 
 For a config's model on a synthetic batch of its shape this compiles
 
 - 'layer_by_layer': `model.apply(..., train=False)`, every layer as the model defines it;
 - 'fused_two_kernels': models/fused_inference.py with `separable=False`: the BatchNorms
   inside the C++ depthwise and pointwise kernels, each layer a call of its own;
-- 'fused_expansion_apart': the same with a depthwise layer and the 1x1 product after it in
-  one kernel (ops/separable.py), an inverted residual block's expansion a product of its own;
-- 'fused': the same with the expansion in that kernel too, what evaluation runs with
+- 'fused_expansion_apart': 'fused' with every inverted residual block's expansion a product
+  of its own;
+- 'fused_stem_apart': 'fused' with the stem a kernel call of its own;
+- 'fused': a depthwise layer and the 1x1 product after it in one kernel (ops/separable.py), with
+  the expansion before it and, in the first block, the stem, what evaluation runs with
   `config.model.fused_inference`;
 
-and calls them in turn, round after round, for `seconds`: each round's four calls meet the
+and calls them in turn, round after round, for `seconds`: each round's five calls meet the
 same machine, so the paired ratios hold where this machine's speed drifts between runs
 (10-30% on the shared 2-core VMs of docs/performance.md). Reports each path's median
 milliseconds per batch, the median of the per-round speed-ups of 'fused' over
-'fused_two_kernels', and of 'fused' over 'fused_expansion_apart' ('expansion_speedup').
+'fused_two_kernels', over 'fused_expansion_apart' ('expansion_speedup') and over
+'fused_stem_apart' ('stem_speedup').
 """
 import statistics
 import time
@@ -27,13 +30,15 @@ from mobilenet.bench import benchmark
 from mobilenet.models import fused_inference
 from mobilenet.models import mobilenet as model_lib
 
-PATHS = ('layer_by_layer', 'fused_two_kernels', 'fused_expansion_apart', 'fused')
+PATHS = ('layer_by_layer', 'fused_two_kernels', 'fused_expansion_apart', 'fused_stem_apart',
+         'fused')
 
 
 def _forward_passes(model) -> Dict[str, Callable]:
   passes = {'layer_by_layer': lambda variables, images: model.apply(variables, images, train=False),
             'fused_two_kernels': fused_inference.inference_fn(model, separable=False),
             'fused_expansion_apart': fused_inference.inference_fn(model, expansion=False),
+            'fused_stem_apart': fused_inference.inference_fn(model, stem=False),
             'fused': fused_inference.inference_fn(model)}
   if passes['fused'] is None:
     raise ValueError(f'fused inference cannot compute this model: '
@@ -42,7 +47,7 @@ def _forward_passes(model) -> Dict[str, Callable]:
 
 
 def compare(config: ml_collections.ConfigDict, seconds: float = 10.0) -> Dict[str, Any]:
-  """The four paths' median ms per batch and median paired speed-ups, for `config`'s model."""
+  """The five paths' median ms per batch and median paired speed-ups, for `config`'s model."""
   model = model_lib.create_model(config.model)
   images = benchmark.synthetic_batch(config)['image']
   variables = jax.jit(model.init)(jax.random.key(config.seed), images)
@@ -69,6 +74,7 @@ def compare(config: ml_collections.ConfigDict, seconds: float = 10.0) -> Dict[st
       **{f'{name}_speedup': speedup('fused_two_kernels', name)
          for name in ('layer_by_layer', 'fused')},
       'expansion_speedup': speedup('fused_expansion_apart', 'fused'),
+      'stem_speedup': speedup('fused_stem_apart', 'fused'),
   }
 
 
@@ -76,10 +82,11 @@ def format_row(row: Dict[str, Any]) -> str:
   return (f"{row['architecture']:<34} {row['width_multiplier']:>5} {row['resolution']:>4} "
           f"{row['batch_size']:>5} {row['layer_by_layer_ms']:>10.2f} "
           f"{row['fused_two_kernels_ms']:>10.2f} {row['fused_expansion_apart_ms']:>10.2f} "
-          f"{row['fused_ms']:>10.2f} {row['fused_speedup']:>8.3f} "
-          f"{row['expansion_speedup']:>9.3f} {row['rounds']:>6}")
+          f"{row['fused_stem_apart_ms']:>10.2f} {row['fused_ms']:>10.2f} "
+          f"{row['fused_speedup']:>8.3f} {row['expansion_speedup']:>9.3f} "
+          f"{row['stem_speedup']:>7.3f} {row['rounds']:>6}")
 
 
 HEADER = (f"{'architecture':<34} {'alpha':>5} {'res':>4} {'batch':>5} {'layers ms':>10} "
-          f"{'2-kernel ms':>10} {'exp. apart':>10} {'fused ms':>10} {'speedup':>8} "
-          f"{'expansion':>9} {'rounds':>6}")
+          f"{'2-kernel ms':>10} {'exp. apart':>10} {'stem apart':>10} {'fused ms':>10} "
+          f"{'speedup':>8} {'expansion':>9} {'stem':>7} {'rounds':>6}")

@@ -55,12 +55,25 @@ from mobilenet.models import counting
 
 KINDS = ('depthwise', 'pointwise', 'depthwise_pointwise', 'standard', 'dense',
          'batch_norm_activation', 'squeeze_excite', 'residual_and_glue', 'loss_optimizer_other')
-# Fused inference's one kernel for a depthwise layer and the 1x1 products around it
-# (ops/separable.py), e.g. 'block_03/expand_depthwise_project': group 1 is the block, group 2
-# the layers it computes, joined by '_'.
-_SEPARABLE = re.compile(r'/(\w+)/(expand_depthwise(?:_project)?|depthwise_(?:pointwise|project))/')
+# Fused inference's one kernel for a depthwise layer and the layers around it (ops/separable.py),
+# e.g. 'block_03/expand_depthwise_project': group 1 is the block, group 2 the layers it
+# computes, joined by '_' ('stem': the network's stem, computed inside the first block's kernel).
+_SEPARABLE = re.compile(r'/(\w+)/((?:expand|stem)_depthwise(?:_(?:pointwise|project))?'
+                        r'|depthwise_(?:pointwise|project))/')
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name="([^"]*)"',
                           re.MULTILINE)
+
+
+def _separable_layers(hlo_text: str) -> Dict[str, set]:
+  """Block -> the layers of it that one separable kernel computes ('stem' -> {'conv'} when the
+  first block's kernel computes the stem)."""
+  fused = collections.defaultdict(set)
+  for block, layers in _SEPARABLE.findall(hlo_text):
+    layers = set(layers.split('_'))
+    if 'stem' in layers:
+      fused['stem'].add('conv')
+    fused[block] |= layers - {'stem'}
+  return dict(fused)
 
 
 def _layer_kind(spec: counting.LayerSpec) -> str:
@@ -194,8 +207,7 @@ def profile_train_step(config: ml_collections.ConfigDict, *, warmup: int = 2, st
   operations = sum(1 for event in events if event['name'] in kinds) / steps
   total_ms = sum(per_kind.values())
   flops = _flops_per_image(config, products=3 if step == 'train' else 1,
-                           separable_layers={block: set(layers.split('_')) for block, layers
-                                             in _SEPARABLE.findall(hlo_text)})
+                           separable_layers=_separable_layers(hlo_text))
   rows = []
   for kind in KINDS:
     ms = per_kind.get(kind, 0.0)

@@ -24,7 +24,8 @@ squeeze-and-excitation), one kernel computes both
 band by band while in cache, never to memory (docs/performance.md, twelfth
 round). The same kernel computes an inverted residual block's expansion band by
 band into the depthwise layer's input, where the map is larger than the filter,
-so the expanded channels never go to memory either (fourteenth round).
+so the expanded channels never go to memory either (fourteenth round), and the
+network's stem into the first block's (fifteenth round).
 
 `inference_fn(model)` returns a function `(variables, images) -> logits`
 computing `model.apply(variables, images, train=False)` this way, or None when
@@ -78,13 +79,43 @@ class _Pending:
     return self.activation(self.raw * self.affine[0] + self.affine[1])
 
 
-def inference_fn(model: MobileNet, separable: bool = True,
-                 expansion: bool = True) -> Optional[Callable]:
+class _PendingStem(_Pending):
+  """The stem's output, pending its BatchNorm + activation, not yet computed: the first block's
+  depthwise kernel can compute it band by band itself (`stem_kernel` of ops/separable.py), so it
+  never goes to memory; any other reader computes it here (`raw`), once."""
+
+  def __init__(self, images, kernel, strides: int, affine, activation):
+    super().__init__(None, affine, activation, 'stem/bn')
+    self.images, self.kernel, self.strides = images, kernel, strides
+
+  @property
+  def computed(self) -> bool:
+    return self._raw is not None
+
+  @property
+  def raw(self):
+    if self._raw is None:
+      with jax.named_scope('stem/conv'):
+        self._raw = convolution.conv(self.images, self.kernel, strides=self.strides)
+    return self._raw
+
+  @raw.setter
+  def raw(self, value):
+    self._raw = value
+
+
+def _stem_in_kernel(x) -> bool:
+  """Whether x is the stem's output, not yet computed: the next depthwise kernel computes it."""
+  return isinstance(x, _PendingStem) and not x.computed
+
+
+def inference_fn(model: MobileNet, separable: bool = True, expansion: bool = True,
+                 stem: bool = True) -> Optional[Callable]:
   """`(variables, images) -> logits` in inference mode with the BatchNorms fused, or None.
 
   `separable=False` keeps every depthwise layer and 1x1 product a kernel call of its own,
-  `expansion=False` every expansion (to measure what the one-kernel forms bring:
-  bench/eval_paths.py).
+  `expansion=False` every expansion, `stem=False` the stem (to measure what the one-kernel
+  forms bring: bench/eval_paths.py).
   """
   if unsupported_reason(model) is not None:
     return None
@@ -100,11 +131,11 @@ def inference_fn(model: MobileNet, separable: bool = True,
         return batch_norm.inference_affine(params[layer][norm], stats[layer][norm],
                                            model.batch_norm_epsilon)
 
-    stem, *stages = model.plan.stages
-    with jax.named_scope('stem/conv'):
-      raw = convolution.conv(images.astype(jnp.float32), params['stem']['conv']['kernel'],
-                             strides=stem.stride)
-    x = _Pending(raw, affine('stem', 'bn'), blocks.ACTIVATIONS[stem.activation], 'stem/bn')
+    first, *stages = model.plan.stages
+    x = _PendingStem(images.astype(jnp.float32), params['stem']['conv']['kernel'], first.stride,
+                     affine('stem', 'bn'), blocks.ACTIVATIONS[first.activation])
+    if not (separable and stem):  # The stem a kernel call of its own, before the first block.
+      x = _Pending(x.raw, x.affine, x.activation, x.norm)
     for stage in stages:
       if stage.kind == 'separable':
         x = _separable(stage, x, params, affine, separable)
@@ -168,20 +199,27 @@ def _depthwise(stage: architectures.Stage, x: _Pending, params, affine) -> jnp.n
 
 
 def _depthwise_then_product(stage, x: _Pending, params, affine, product: Optional[str], scale=None,
-                            bias=None, residual=None, expand=None) -> jnp.ndarray:
+                            bias=None, residual=None, expand=None,
+                            residual_from_input: bool = False) -> jnp.ndarray:
   """The stage's depthwise layer and `(. @ product kernel) * scale + bias + residual` in one
   kernel: the depthwise output rows go into the product while in cache (ops/separable.py). With
   `expand` (the expansion's kernel; x pending the expansion's BatchNorm on the block input) the
-  expansion too; without `product`, the depthwise output."""
+  expansion too; with x the stem's output not yet computed (_PendingStem), the stem (and with
+  `residual_from_input` its activated output as the residual); without `product`, the depthwise
+  output."""
   output_affine = affine(stage.name, 'depthwise_bn')
-  layers = '_'.join(['expand'] * (expand is not None) + ['depthwise'] + [product] * bool(product))
+  stem = _stem_in_kernel(x)
+  layers = '_'.join(['expand'] * (expand is not None) + ['stem'] * stem + ['depthwise']
+                    + [product] * bool(product))
   with jax.named_scope(f'{stage.name}/{layers}'):
     return separable.separable_inference(
-        x.raw, params[stage.name]['depthwise']['kernel'],
+        x.images if stem else x.raw, params[stage.name]['depthwise']['kernel'],
         None if product is None else _kernel(params, stage.name, product),
         input_affine=x.affine, output_affine=output_affine, input_activation=x.activation,
         output_activation=blocks.ACTIVATIONS[stage.activation], scale=scale, bias=bias,
-        residual=residual, expand_kernel=expand, strides=(stage.stride, stage.stride))
+        residual=residual, expand_kernel=expand, stem_kernel=x.kernel if stem else None,
+        stem_strides=x.strides if stem else 1, residual_from_input=residual_from_input,
+        strides=(stage.stride, stage.stride))
 
 
 def _separable(stage, x, params, affine, one_kernel: bool) -> _Pending:
@@ -220,6 +258,13 @@ def _expansion_fuses(stage, inputs, kernel) -> bool:
 
 def _inverted_residual(stage, x, params, affine, one_kernel: bool,
                        expansion: bool) -> jnp.ndarray:
+  scale, bias = affine(stage.name, 'project_bn')
+  if (_stem_in_kernel(x) and stage.residual and not stage.expanded_channels
+      and not stage.se_channels):
+    # V3-Large's first block: the stem inside its kernel, whose output (the block's input) the
+    # kernel adds back from its own band rows, so it never goes to memory either.
+    return _depthwise_then_product(stage, x, params, affine, 'project', scale, bias,
+                                   residual_from_input=True)
   if stage.residual or stage.expanded_channels or not isinstance(x, _Pending):
     inputs = _value(x)  # Read again by the expansion or the residual add: materialized once.
     x = _identity_pending(inputs)
@@ -233,14 +278,14 @@ def _inverted_residual(stage, x, params, affine, one_kernel: bool,
     else:
       with jax.named_scope(f'{stage.name}/expand'):
         x = _Pending(_product(inputs, kernel), *expand_bn)
-  scale, bias = affine(stage.name, 'project_bn')
   residual = inputs if stage.residual else None
   if one_kernel and not stage.se_channels:  # Linear bottleneck: no activation, the input added back.
     return _depthwise_then_product(stage, x, params, affine, 'project', scale, bias, residual,
                                    expand)
   # Squeeze-and-excitation's gate needs the whole depthwise output first: the projection is a pass
   # of its own, with the gate on its input.
-  y = (_depthwise_then_product(stage, x, params, affine, None, expand=expand) if expand is not None
+  in_kernel = expand is not None or _stem_in_kernel(x)
+  y = (_depthwise_then_product(stage, x, params, affine, None, expand=expand) if in_kernel
        else _depthwise(stage, x, params, affine))
   gate = (_squeeze_excite_gate(y, params[stage.name]['se'], stage.name) if stage.se_channels
           else None)

@@ -21,10 +21,12 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "convolution_tiles.h"
 #include "cpu_loops.h"
 #include "cpu_vectors.h"
 #include "pointwise_tiles.h"
@@ -377,69 +379,104 @@ void InferenceForward(ffi::ThreadPool& pool, const Geometry& g, const float* x, 
   });
 }
 
-// Inference with the 1x1 products around the depthwise layer fused in (models/fused_inference.py):
+// Inference with the layers around the depthwise layer fused in (models/fused_inference.py):
 //   y = InferenceForward(x) @ w * pw.scale + pw.bias + residual,
-// or, with an inverted residual block's expansion in front, InferenceForward of the expanded input
-// in_act(x @ expansion.w * in.scale + in.bias). Each band of the depthwise layer's input rows is
-// expanded into a per-thread buffer (the rows it shares with the band before kept, not
+// or InferenceForward of in_act(e(x) * in.scale + in.bias), where e is the layer in front
+// computed inside the kernel: an inverted residual block's expansion (x @ expansion.w) or the
+// network's stem (a dense convolution of the images). Each band of the depthwise layer's input
+// rows is computed into a per-thread buffer (the rows it shares with the band before kept, not
 // recomputed), and each band of its output rows goes into a per-thread buffer and from there,
 // while in cache, into the projection's register tiles (pointwise_tiles.h); w == nullptr leaves
 // the projection out (squeeze-and-excitation's gate needs the whole depthwise output first) and
-// writes the depthwise output. Neither the expanded channels nor the depthwise output is written
+// writes the depthwise output. Neither the depthwise layer's input nor its output is written
 // to memory and read back. The projection's epilogue is linear: V1's raw product (its BatchNorm
 // pending for the next depthwise layer), or an inverted residual block's projection with its
-// BatchNorm and residual add. The band is smaller than InferenceForward's (kSeparableBandBytes):
-// its output rows must stay in L2 too.
+// BatchNorm and residual add. With `residual_from_input` the residual is the depthwise layer's
+// input as the layer in front computed it (V3-Large's first block: the stem's activated output,
+// stride 1), copied from the band buffer rather than read from memory. The band is smaller than
+// InferenceForward's (kSeparableBandBytes): its output rows must stay in L2 too.
 constexpr int64_t kSeparableBandBytes = 256 * 1024;
 
-// A V2/V3 block's expansion in front of the depthwise layer: the block's input (N, H, W, c) and
-// the (c, C) kernel whose product, with the depthwise layer's `in` BatchNorm + activation, is the
-// depthwise layer's input.
-struct Expansion {
+// The layer in front of the depthwise layer, whose output, with the depthwise layer's `in`
+// BatchNorm + activation, is the depthwise layer's input: a V2/V3 block's expansion (x the
+// block's input (N, H, W, c), w its (c, C) kernel) or, with `stem`, the network's stem (x the
+// images (N, H0, W0, c), w its (kh, kw, c, C) kernel, `stem` its geometry, `stem_image` the
+// padded copy's layout).
+struct InputLayer {
   const float* x;
   const float* w;
   int64_t c;
+  const mobilenet::convolution::Geometry* stem = nullptr;
+  const mobilenet::convolution::PaddedImage* stem_image = nullptr;
 };
 
 // The expansion of `pixels` consecutive pixels of the block input from pixel `first` (counted
 // over the whole batch) into `out`, `channels` values each.
 template <typename InActivation>
-void ExpandPixels(const Expansion& e, const Affine& in, InActivation in_act, int64_t channels,
+void ExpandPixels(const InputLayer& e, const Affine& in, InActivation in_act, int64_t channels,
                   int64_t first, int64_t pixels, float* out) {
   mobilenet::pointwise::ForwardRows(e.x + first * e.c, nullptr, 1, e.w, {in.scale, in.bias},
                                     in_act.Pointwise(), nullptr, 0, pixels, e.c, channels, out);
 }
 
-// The image rows an expanded band buffer holds: [lo, hi), row lo first.
+// A thread's padded copy of the image whose stem rows it computes (convolution_tiles.h).
+struct StemScratch {
+  std::vector<float> padded;
+  int64_t image = -1;
+};
+
+// Rows [r0, r1) of image n of the depthwise layer's input, computed by the layer in front, into
+// `out` (row r at (r - r0) * w * C).
+template <typename InActivation>
+void InputLayerRows(const Geometry& g, const InputLayer& e, const Affine& in, InActivation in_act,
+                    int64_t n, int64_t r0, int64_t r1, StemScratch& scratch, float* out) {
+  if (e.stem == nullptr) {
+    return ExpandPixels(e, in, in_act, g.c, (n * g.h + r0) * g.w, (r1 - r0) * g.w, out);
+  }
+  if (scratch.image != n) {
+    if (scratch.padded.empty()) {
+      scratch.padded.assign(e.stem_image->rows * e.stem_image->cols * e.c, 0.0f);
+    }
+    e.stem_image->Fill(*e.stem, e.x, n, scratch.padded.data());
+    scratch.image = n;
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    mobilenet::convolution::ForwardRow(*e.stem, *e.stem_image, scratch.padded.data(), e.w, r,
+                                       out + (r - r0) * g.w * g.c);
+  }
+  Geometry rows = g;
+  rows.h = r1 - r0;
+  ActivateImage(rows, out, in, in_act, out);  // In place, while the rows are in cache.
+}
+
+// The image rows an input band buffer holds: [lo, hi), row lo first.
 struct HeldRows {
   int64_t lo = 0, hi = 0;
 };
 
-// Image n's rows [r0, r1) expanded into `expanded` (row r at (r - r0) * w * C): the rows the
-// buffer already holds from the band before moved to the front, the others computed.
+// Image n's rows [r0, r1) of the depthwise layer's input into `band` (row r at (r - r0) * w * C):
+// the rows the buffer already holds from the band before moved to the front, the others computed.
 template <typename InActivation>
-void ExpandBand(const Geometry& g, const Expansion& e, const Affine& in, InActivation in_act,
-                int64_t n, int64_t r0, int64_t r1, HeldRows& held, float* expanded) {
+void InputBand(const Geometry& g, const InputLayer& e, const Affine& in, InActivation in_act,
+               int64_t n, int64_t r0, int64_t r1, HeldRows& held, StemScratch& scratch,
+               float* band) {
   const int64_t row = g.w * g.c;
   int64_t from = r0;
   if (held.lo <= r0 && r0 < held.hi) {
     from = std::min(held.hi, r1);
-    std::memmove(expanded, expanded + (r0 - held.lo) * row, sizeof(float) * (from - r0) * row);
+    std::memmove(band, band + (r0 - held.lo) * row, sizeof(float) * (from - r0) * row);
   }
-  if (r1 > from) {
-    ExpandPixels(e, in, in_act, g.c, (n * g.h + from) * g.w, (r1 - from) * g.w,
-                 expanded + (from - r0) * row);
-  }
+  if (r1 > from) InputLayerRows(g, e, in, in_act, n, from, r1, scratch, band + (from - r0) * row);
   held = {r0, r1};
 }
 
-// g: the depthwise layer's geometry (its input's height and width are the block input's).
+// g: the depthwise layer's geometry (its input: the layer in front's output, if any).
 template <int K, typename InActivation, typename OutActivation>
 void SeparableInference(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* f,
                         const Affine& in, InActivation in_act, const Affine& out,
-                        OutActivation out_act, const Expansion* expansion, const float* w,
+                        OutActivation out_act, const InputLayer* input_layer, const float* w,
                         int64_t d, const mobilenet::pointwise::Epilogue& pw,
-                        const float* residual, float* y) {
+                        const float* residual, bool residual_from_input, float* y) {
   const bool small = SmallMap(g), project = w != nullptr;
   const Bands bands = MakeBands<K>(g, kSeparableBandBytes);
   const int64_t band_oh = small ? g.oh : bands.band_oh;
@@ -454,33 +491,45 @@ void SeparableInference(ffi::ThreadPool& pool, const Geometry& g, const float* x
   const int64_t capacity =
       std::max(band_oh * g.ow, kSeparableBandBytes / static_cast<int64_t>(sizeof(float) * g.c));
   // The depthwise input: a whole small map, or band by band, activated into a padded buffer or
-  // expanded. An expanded band is read where it was computed, bounds-checked at the border
-  // columns, or (5x5: two checked columns on each side, 25 taps each; 4 of a 7x7 map's 7) from a
-  // padded copy: measured both ways, the copy paid for 5x5 filters and not for 3x3 ones
-  // (docs/performance.md, fourteenth round).
+  // computed by the layer in front. A computed band is read where it was computed, bounds-checked
+  // at the border columns, or (5x5: two checked columns on each side, 25 taps each; 4 of a 7x7
+  // map's 7) from a padded copy: measured both ways, the copy paid for 5x5 filters and not for
+  // 3x3 ones (docs/performance.md, fourteenth round).
   constexpr bool kPaddedCopy = K == 5;
   const int64_t buffer = small                        ? g.h * g.w * g.c
-                         : expansion && !kPaddedCopy ? 0
-                                                     : bands.band_rows * bands.row_values;
+                         : input_layer && !kPaddedCopy ? 0
+                                                       : bands.band_rows * bands.row_values;
   ForImages(pool, g.n, mobilenet::NumChunks(pool, g.n), [&](int64_t lo, int64_t hi, int64_t) {
     std::vector<float> activated(buffer, 0.0f);
-    std::vector<float> expanded(expansion && !small ? bands.band_rows * g.w * g.c : 0);
-    std::vector<float> zeros(expansion && !kPaddedCopy ? g.w * g.c : 0, 0.0f);  // Off-image rows.
+    std::vector<float> computed(input_layer && !small ? bands.band_rows * g.w * g.c : 0);
+    std::vector<float> zeros(input_layer && !kPaddedCopy ? g.w * g.c : 0, 0.0f);  // Off-image rows.
+    StemScratch stem_scratch;
     std::vector<float> gathered(project ? capacity * g.c : 0);
+    std::vector<float> gathered_input(residual_from_input ? capacity * d : 0);
     int64_t first_row = lo * g.oh * g.ow, filled = 0;  // Gathered: rows [first_row, + filled) of y.
     auto flush = [&] {
       mobilenet::pointwise::ForwardRows(gathered.data(), nullptr, 1, w, pw,
                                         mobilenet::pointwise::IdentityAct{},
-                                        residual ? residual + first_row * d : nullptr, 0, filled,
+                                        residual_from_input ? gathered_input.data()
+                                        : residual          ? residual + first_row * d
+                                                            : nullptr,
+                                        0, filled,
                                         g.c, d, y + first_row * d);
       first_row += filled;
       filled = 0;
     };
+    // The residual's rows beside the output rows they are added to: at stride 1 with the same
+    // channels, output rows [first, + rows_out) add input rows [first, + rows_out), `rows` on.
+    auto keep_input = [&](const float* rows, int64_t rows_out) {
+      if (residual_from_input) {
+        std::memcpy(gathered_input.data() + filled * d, rows, sizeof(float) * rows_out * g.ow * d);
+      }
+    };
     for (int64_t n = lo; n < hi; ++n) {
       const float* image = x + n * g.h * g.w * g.c;
       HeldRows held;
-      if (small && expansion) {
-        ExpandPixels(*expansion, in, in_act, g.c, n * g.h * g.w, g.h * g.w, activated.data());
+      if (small && input_layer) {
+        InputLayerRows(g, *input_layer, in, in_act, n, 0, g.h, stem_scratch, activated.data());
       } else if (small) {
         ActivateImage(g, image, in, in_act, activated.data());
       }
@@ -490,11 +539,13 @@ void SeparableInference(ffi::ThreadPool& pool, const Geometry& g, const float* x
         float* out = project ? gathered.data() + filled * g.c : y + (n * g.oh + first) * g.ow * g.c;
         if (small) {
           SmallMapImage<K>(g, activated.data(), f, out, epilogue);
-        } else if (expansion) {
+          keep_input(activated.data(), rows_out);
+        } else if (input_layer) {
           const int64_t top = first * g.sh - g.pt;  // The band's first input row, maybe padding.
           const int64_t rows_in = (rows_out - 1) * g.sh + K;
           const int64_t r0 = std::max<int64_t>(0, top), r1 = std::min(g.h, top + rows_in);
-          ExpandBand(g, *expansion, in, in_act, n, r0, r1, held, expanded.data());
+          InputBand(g, *input_layer, in, in_act, n, r0, r1, held, stem_scratch, computed.data());
+          keep_input(computed.data() + (first - r0) * g.w * g.c, rows_out);
           if constexpr (kPaddedCopy) {
             for (int64_t b = 0; b < rows_in; ++b) {
               float* row = activated.data() + b * bands.row_values + g.pl * g.c;
@@ -502,7 +553,7 @@ void SeparableInference(ffi::ThreadPool& pool, const Geometry& g, const float* x
               if (r < r0 || r >= r1) {
                 std::fill(row, row + g.w * g.c, 0.0f);
               } else {
-                std::memcpy(row, expanded.data() + (r - r0) * g.w * g.c, sizeof(float) * g.w * g.c);
+                std::memcpy(row, computed.data() + (r - r0) * g.w * g.c, sizeof(float) * g.w * g.c);
               }
             }
             Geometry band = padded;
@@ -511,7 +562,7 @@ void SeparableInference(ffi::ThreadPool& pool, const Geometry& g, const float* x
             ForwardImage<K>(band, all, activated.data(), nullptr, f, out, epilogue);
           } else {
             const Geometry band{1, r1 - r0, g.w, g.c, K, K, rows_out, g.ow, g.sh, g.sw, r0 - top, g.pl};
-            ForwardImage<K>(band, interior, expanded.data(), zeros.data(), f, out, epilogue);
+            ForwardImage<K>(band, interior, computed.data(), zeros.data(), f, out, epilogue);
           }
         } else {
           Geometry band = padded;
@@ -904,46 +955,71 @@ ffi::Error InferenceForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
-// x: (N, H, W, C), or the block input (N, H, W, c) with expand (c, C); f: (K, K, C); the four
-// affine vectors (C); w: (C, D), or empty to leave the projection out (then D = C); pw_scale,
-// pw_bias (D) (empty without w); residual: (N, OH, OW, D) or empty; y: (N, OH, OW, D).
+// x: (N, H, W, C), or the block input (N, H, W, c) with expand (c, C), or the images
+// (N, H0, W0, c) with stem (kh, kw, c, C) and the stem's strides, low padding and output size
+// (stem_oh, stem_ow) = (H, W); f: (K, K, C); the four affine vectors (C); w: (C, D), or empty to
+// leave the projection out (then D = C); pw_scale, pw_bias (D) (empty without w); residual:
+// (N, OH, OW, D) or empty; residual_from_input: add the depthwise layer's input instead (with the
+// stem, stride 1, D = C); y: (N, OH, OW, D).
 ffi::Error SeparableInferenceImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                   ffi::Buffer<ffi::F32> f, ffi::Buffer<ffi::F32> in_scale,
                                   ffi::Buffer<ffi::F32> in_bias, ffi::Buffer<ffi::F32> out_scale,
                                   ffi::Buffer<ffi::F32> out_bias, ffi::Buffer<ffi::F32> w,
                                   ffi::Buffer<ffi::F32> pw_scale, ffi::Buffer<ffi::F32> pw_bias,
                                   ffi::Buffer<ffi::F32> residual, ffi::Buffer<ffi::F32> expand,
-                                  ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw,
-                                  int64_t pt, int64_t pl, int32_t in_kind, float in_lo,
-                                  float in_hi, int32_t out_kind, float out_lo, float out_hi) {
+                                  ffi::Buffer<ffi::F32> stem, ffi::ResultBuffer<ffi::F32> y,
+                                  int64_t sh, int64_t sw, int64_t pt, int64_t pl, int32_t in_kind,
+                                  float in_lo, float in_hi, int32_t out_kind, float out_lo,
+                                  float out_hi, int64_t stem_sh, int64_t stem_sw, int64_t stem_pt,
+                                  int64_t stem_pl, int64_t stem_oh, int64_t stem_ow,
+                                  int64_t residual_from_input) {
   Geometry g = MakeGeometry(x.dimensions(), f.dimensions(), y->dimensions(), sh, sw, pt, pl);
   const int64_t block_channels = g.c;
   const bool expanding = expand.element_count() != 0, projecting = w.element_count() != 0;
+  const bool stemming = stem.element_count() != 0;
   g.c = f.dimensions().back();
+  const mobilenet::convolution::Geometry stem_g{
+      g.n, g.h, g.w, block_channels, stemming ? stem.dimensions()[0] : 0,
+      stemming ? stem.dimensions()[1] : 0, g.c, stem_oh, stem_ow, stem_sh, stem_sw, stem_pt,
+      stem_pl};
+  if (stemming) g.h = stem_oh, g.w = stem_ow;
   ffi::Error error = CheckFused(g, {in_kind, out_kind});
   if (error.failure()) return error;
   const int64_t d = projecting ? w.dimensions().back() : g.c;
   const int64_t rows = g.n * g.oh * g.ow;
   if (d % kLanes != 0) return ffi::Error::InvalidArgument("output channels must be a multiple of 8");
-  if ((expanding ? expand.element_count() != block_channels * g.c : block_channels != g.c) ||
+  const bool input_shapes =
+      expanding ? !stemming && expand.element_count() == block_channels * g.c
+      : stemming ? stem.dimensions().size() == 4 && stem.dimensions()[2] == block_channels &&
+                       stem.dimensions()[3] == g.c && stem_oh > 0 && stem_ow > 0
+                 : block_channels == g.c;
+  if (!input_shapes ||
       (projecting && (w.element_count() != g.c * d || pw_scale.element_count() != d ||
                       pw_bias.element_count() != d)) ||
       y->element_count() != rows * d ||
-      (residual.element_count() != 0 && (!projecting || residual.element_count() != rows * d))) {
-    return ffi::Error::InvalidArgument("shapes: x (N, H, W, C) or (N, H, W, c) with expand (c, C), "
-                                       "w (C, D) or empty, pw_scale and pw_bias (D), residual "
-                                       "(N, OH, OW, D) or empty, y (N, OH, OW, D)");
+      (residual.element_count() != 0 && (!projecting || residual.element_count() != rows * d)) ||
+      (residual_from_input && (!stemming || !projecting || residual.element_count() != 0 ||
+                               d != g.c || g.oh != g.h || g.ow != g.w))) {
+    return ffi::Error::InvalidArgument(
+        "shapes: x (N, H, W, C), or (N, H, W, c) with expand (c, C), or (N, H0, W0, c) with stem "
+        "(kh, kw, c, C); w (C, D) or empty, pw_scale and pw_bias (D), residual (N, OH, OW, D) or "
+        "empty (or residual_from_input, with the stem, D = C and OH, OW = H, W), y (N, OH, OW, D)");
   }
   const Affine in{in_scale.typed_data(), in_bias.typed_data(), in_kind, in_lo, in_hi};
   const Affine out{out_scale.typed_data(), out_bias.typed_data(), out_kind, out_lo, out_hi};
   const mobilenet::pointwise::Epilogue pw{pw_scale.typed_data(), pw_bias.typed_data()};
   const float* res = residual.element_count() > 0 ? residual.typed_data() : nullptr;
-  const Expansion expansion{x.typed_data(), expand.typed_data(), block_channels};
+  std::optional<mobilenet::convolution::PaddedImage> stem_image;
+  if (stemming) stem_image.emplace(stem_g);
+  const InputLayer input_layer{x.typed_data(),
+                               stemming ? stem.typed_data() : expand.typed_data(), block_channels,
+                               stemming ? &stem_g : nullptr,
+                               stemming ? &*stem_image : nullptr};
   WithInferenceInstance(g, in, out, [&](auto k, auto in_act, auto out_act) {
-    SeparableInference<decltype(k)::value>(pool, g, x.typed_data(), f.typed_data(), in, in_act,
-                                           out, out_act, expanding ? &expansion : nullptr,
-                                           projecting ? w.typed_data() : nullptr, d, pw, res,
-                                           y->typed_data());
+    SeparableInference<decltype(k)::value>(
+        pool, g, x.typed_data(), f.typed_data(), in, in_act, out, out_act,
+        expanding || stemming ? &input_layer : nullptr, projecting ? w.typed_data() : nullptr, d,
+        pw, res, residual_from_input != 0, y->typed_data());
   });
   return ffi::Error::Success();
 }
@@ -1035,6 +1111,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeparableInferenceForward, SeparableInferenceImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // pw_bias
                                   .Arg<ffi::Buffer<ffi::F32>>()  // residual
                                   .Arg<ffi::Buffer<ffi::F32>>()  // expand
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // stem
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("sh")
                                   .Attr<int64_t>("sw")
@@ -1045,7 +1122,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeparableInferenceForward, SeparableInferenceImpl,
                                   .Attr<float>("in_hi")
                                   .Attr<int32_t>("out_kind")
                                   .Attr<float>("out_lo")
-                                  .Attr<float>("out_hi"));
+                                  .Attr<float>("out_hi")
+                                  .Attr<int64_t>("stem_sh")
+                                  .Attr<int64_t>("stem_sw")
+                                  .Attr<int64_t>("stem_pt")
+                                  .Attr<int64_t>("stem_pl")
+                                  .Attr<int64_t>("stem_oh")
+                                  .Attr<int64_t>("stem_ow")
+                                  .Attr<int64_t>("residual_from_input"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseActivatedFilterGrad, ActivatedFilterGradImpl,
                               ffi::Ffi::Bind()

@@ -6,7 +6,8 @@ next 1x1 product in inference), `batch_norm_cpu.cc` (BatchNorm + activation),
 pointwise filter gradient and inference forward) are compiled together with the
 system C++ compiler (`$CXX`, else g++), `-O3 -march=native`, against jaxlib's
 FFI headers (and the shared headers `cpu_loops.h`, the parallel loop,
-`cpu_vectors.h`, and `pointwise_tiles.h`, the 1x1 product's register tiles),
+`cpu_vectors.h`, `pointwise_tiles.h`, the 1x1 product's register tiles, and
+`convolution_tiles.h`, the stem's),
 into one shared library cached in `$MOBILENET_CACHE_DIR` (default `~/.cache/mobilenet`) under a
 key of the sources, the jax version and the CPU's feature flags, so a change of
 any of them rebuilds it; a process that finds another building the same library
@@ -35,7 +36,8 @@ from mobilenet.ops.cpu import calls
 _HERE = pathlib.Path(__file__).parent
 SOURCES = (_HERE / 'depthwise_cpu.cc', _HERE / 'batch_norm_cpu.cc', _HERE / 'convolution_cpu.cc',
            _HERE / 'pointwise_cpu.cc')
-HEADERS = (_HERE / 'cpu_loops.h', _HERE / 'cpu_vectors.h', _HERE / 'pointwise_tiles.h')
+HEADERS = (_HERE / 'cpu_loops.h', _HERE / 'cpu_vectors.h', _HERE / 'pointwise_tiles.h',
+           _HERE / 'convolution_tiles.h')
 # FFI target name -> exported handler symbol.
 TARGETS = {
     'mobilenet_depthwise_forward': 'DepthwiseForward',
