@@ -187,7 +187,7 @@ def test_separable_inference_matches_its_definition(size, spatial, channels, out
     assert have.shape == out_shape and np.std(want) > 0.1
     np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-4)
     settings = (strides, 'SAME', depthwise.explicit_padding(spatial, (size, size), strides, 'SAME'),
-                before, after, None, False)
+                before, after, None, False, False)
     _check_batched_differentiated_and_one_kernel(
         run, x, kernel, have, lambda k: separable._separable_xla(
             x, k, a, b, a2, b2, w, scale, bias, added, None, None, settings))
@@ -231,7 +231,7 @@ def test_separable_inference_with_the_expansion_matches_its_definition(
     assert have.shape == want.shape and np.std(want) > 0.1
     np.testing.assert_allclose(have, want, rtol=2e-4, atol=2e-4)
     settings = (strides, 'SAME', depthwise.explicit_padding(spatial, (size, size), strides, 'SAME'),
-                before, after, None, False)
+                before, after, None, False, False)
     _check_batched_differentiated_and_one_kernel(  # The expansion and projection inside it too.
         run, x, kernel, have, lambda k: separable._separable_xla(
             x, k, a, b, a2, b2, w, scale, bias, residual, expand, None, settings))
@@ -279,12 +279,42 @@ def test_separable_inference_with_the_stem_matches_its_definition(
     settings = (strides, 'SAME', depthwise.explicit_padding(stem_out.shape[1:3], (size, size),
                                                             strides, 'SAME'),
                 before, after, (stem_strides, depthwise.explicit_padding(
-                    spatial, (3, 3), (stem_strides,) * 2, 'SAME'), stem_out.shape[1:3]), add_input)
+                    spatial, (3, 3), (stem_strides,) * 2, 'SAME'), stem_out.shape[1:3]), add_input, False)
     _check_batched_differentiated_and_one_kernel(  # The stem and projection inside it too.
         run, images, kernel, have, lambda k: separable._separable_xla(
             images, k, a, b, a2, b2, w, scale, bias, None, None, stem, settings))
     if cpu_kernels.available():
       assert 'mobilenet_conv_forward' not in jax.jit(run).lower(images).as_text()
+
+
+@pytest.mark.parametrize('size,spatial,channels,expanded_from', [
+    (3, (9, 8), 16, None),  # A depthwise layer's output and its mean, nothing in front.
+    (5, (70, 64), 24, 8),  # Bands of 5x5, the expansion in front.
+    (3, (11, 13), 72, 16),  # Bands of 3x3, read where computed.
+    (5, (4, 4), 40, None),  # A map no larger than the filter (V3's in the cifar form).
+    (5, (2, 2), 48, 16),
+])
+def test_separable_inference_pools_for_squeeze_and_excitation(size, spatial, channels,
+                                                              expanded_from):
+  """Without a projection the kernel also returns each image's mean output (SE's pooling)."""
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.normal(size=(3, *spatial, expanded_from or channels)), jnp.float32)
+  expand = (None if expanded_from is None else jnp.asarray(
+      rng.normal(size=(expanded_from, channels)) / np.sqrt(expanded_from), jnp.float32))
+  kernel = jnp.asarray(rng.normal(size=(size, size, 1, channels)), jnp.float32)
+  a, b, a2, b2 = (jnp.asarray(rng.normal(size=channels), jnp.float32) for _ in range(4))
+  for strides in ((1, 1), (2, 2)):
+    layer = functools.partial(
+        separable.separable_inference, input_affine=(a, b), output_affine=(a2, b2),
+        input_activation=jax.nn.hard_swish, output_activation=jax.nn.relu, expand_kernel=expand,
+        strides=strides)
+    y, mean = jax.jit(lambda x: layer(x, kernel, with_mean=True))(x)
+    np.testing.assert_array_equal(y, jax.jit(lambda x: layer(x, kernel))(x))
+    assert mean.shape == (3, channels) and np.std(mean) > 0.1
+    np.testing.assert_allclose(mean, jnp.mean(y, axis=(1, 2)), rtol=1e-5, atol=1e-5)
+    if cpu_kernels.available():  # Summed inside the kernel: no reduction of XLA's left.
+      assert 'reduce' not in jax.jit(lambda x: layer(x, kernel, with_mean=True)[1]).lower(
+          x).compile().as_text().split('ENTRY')[1]
 
 
 @needs_kernels

@@ -200,13 +200,13 @@ def _depthwise(stage: architectures.Stage, x: _Pending, params, affine) -> jnp.n
 
 def _depthwise_then_product(stage, x: _Pending, params, affine, product: Optional[str], scale=None,
                             bias=None, residual=None, expand=None,
-                            residual_from_input: bool = False) -> jnp.ndarray:
+                            residual_from_input: bool = False, with_mean: bool = False):
   """The stage's depthwise layer and `(. @ product kernel) * scale + bias + residual` in one
   kernel: the depthwise output rows go into the product while in cache (ops/separable.py). With
   `expand` (the expansion's kernel; x pending the expansion's BatchNorm on the block input) the
   expansion too; with x the stem's output not yet computed (_PendingStem), the stem (and with
   `residual_from_input` its activated output as the residual); without `product`, the depthwise
-  output."""
+  output (and with `with_mean`, its mean over each image too: `(y, mean)`)."""
   output_affine = affine(stage.name, 'depthwise_bn')
   stem = _stem_in_kernel(x)
   layers = '_'.join(['expand'] * (expand is not None) + ['stem'] * stem + ['depthwise']
@@ -219,7 +219,7 @@ def _depthwise_then_product(stage, x: _Pending, params, affine, product: Optiona
         output_activation=blocks.ACTIVATIONS[stage.activation], scale=scale, bias=bias,
         residual=residual, expand_kernel=expand, stem_kernel=x.kernel if stem else None,
         stem_strides=x.strides if stem else 1, residual_from_input=residual_from_input,
-        strides=(stage.stride, stage.stride))
+        with_mean=with_mean, strides=(stage.stride, stage.stride))
 
 
 def _separable(stage, x, params, affine, one_kernel: bool) -> _Pending:
@@ -238,10 +238,9 @@ def _separable(stage, x, params, affine, one_kernel: bool) -> _Pending:
                   f'{stage.name}/pointwise_bn')
 
 
-def _squeeze_excite_gate(y, se, name: str) -> jnp.ndarray:
-  """blocks.SqueezeExcite's multiplier (N, C) of y's channels, which the projection applies."""
-  with jax.named_scope(f'{name}/se'):
-    s = jnp.mean(y, axis=(1, 2))
+def _squeeze_excite_gate(s, se, name: str) -> jnp.ndarray:
+  """blocks.SqueezeExcite's multiplier (N, C) of the depthwise output's channels from its mean
+  over each image `s` (N, C), which the projection applies."""
   with jax.named_scope(f'{name}/se/squeeze'):
     s = _dense(s, se['squeeze'], blocks.ACTIVATIONS['relu'])
   with jax.named_scope(f'{name}/se/excite'):
@@ -283,12 +282,19 @@ def _inverted_residual(stage, x, params, affine, one_kernel: bool,
     return _depthwise_then_product(stage, x, params, affine, 'project', scale, bias, residual,
                                    expand)
   # Squeeze-and-excitation's gate needs the whole depthwise output first: the projection is a pass
-  # of its own, with the gate on its input.
-  in_kernel = expand is not None or _stem_in_kernel(x)
-  y = (_depthwise_then_product(stage, x, params, affine, None, expand=expand) if in_kernel
-       else _depthwise(stage, x, params, affine))
-  gate = (_squeeze_excite_gate(y, params[stage.name]['se'], stage.name) if stage.se_channels
-          else None)
+  # of its own, with the gate on its input. The kernel that writes the depthwise output sums its
+  # mean for the gate, band by band from cache.
+  gate = None
+  if one_kernel:  # A block with squeeze-and-excitation (the others returned above).
+    y, mean = _depthwise_then_product(stage, x, params, affine, None, expand=expand,
+                                      with_mean=True)
+    gate = _squeeze_excite_gate(mean, params[stage.name]['se'], stage.name)
+  else:
+    y = _depthwise(stage, x, params, affine)
+    if stage.se_channels:
+      with jax.named_scope(f'{stage.name}/se'):
+        gate = _squeeze_excite_gate(jnp.mean(y, axis=(1, 2)), params[stage.name]['se'],
+                                    stage.name)
   with jax.named_scope(f'{stage.name}/project'):
     return pointwise.pointwise_inference(y, _kernel(params, stage.name, 'project'), scale=scale,
                                          bias=bias, activation=batch_norm.identity,

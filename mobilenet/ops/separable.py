@@ -35,7 +35,8 @@ from mobilenet.ops.cpu import kernels as cpu_kernels
 def separable_inference(inputs, depthwise_kernel, pointwise_kernel=None, *, input_affine,
                         output_affine, input_activation, output_activation, scale=None, bias=None,
                         residual=None, expand_kernel=None, stem_kernel=None,
-                        stem_strides: int = 1, residual_from_input: bool = False, strides=(1, 1),
+                        stem_strides: int = 1, residual_from_input: bool = False,
+                        with_mean: bool = False, strides=(1, 1),
                         padding: depthwise.Padding = 'SAME'):
   """The depthwise inference layer, then `(. @ pointwise_kernel) * scale + bias + residual`.
 
@@ -52,7 +53,9 @@ def separable_inference(inputs, depthwise_kernel, pointwise_kernel=None, *, inpu
   stem's BatchNorm) apply. `residual_from_input` adds the depthwise layer's
   input (after `input_affine` and `input_activation`) as the residual: V3-Large's
   first block, whose input the stem computes (stride 1, as many outputs as
-  channels). float32.
+  channels). `with_mean` (without `pointwise_kernel`) returns `(y, mean)`, mean
+  (N, C) y's mean over each image's positions: squeeze-and-excitation's pooling,
+  summed by the kernel from each band of y as it writes it. float32.
   """
   kh, kw, _, channels = depthwise_kernel.shape
   stem = None  # The stem's strides, explicit padding and output size.
@@ -69,7 +72,7 @@ def separable_inference(inputs, depthwise_kernel, pointwise_kernel=None, *, inpu
               *map(f32, output_affine), f32(pointwise_kernel), f32(scale), f32(bias),
               f32(residual), f32(expand_kernel), f32(stem_kernel))
   settings = (tuple(strides), padding, pads, input_activation, output_activation, stem,
-              residual_from_input)
+              residual_from_input, with_mean)
   block_input = (channels if expand_kernel is None and stem_kernel is None
                  else (expand_kernel if stem_kernel is None else stem_kernel).shape[-2])
   on_kernel = (cpu_kernels.available() and kh == kw and kh in (3, 5)
@@ -79,6 +82,7 @@ def separable_inference(inputs, depthwise_kernel, pointwise_kernel=None, *, inpu
                and (stem_kernel is None or stem_kernel.shape[-1] == channels)
                and (pointwise_kernel is None or pointwise_kernel.shape[-1] % 8 == 0)
                and (pointwise_kernel is not None or residual is None)
+               and (pointwise_kernel is None or not with_mean)
                and (not residual_from_input
                     or (stem_kernel is not None and residual is None and tuple(strides) == (1, 1)
                         and pointwise_kernel is not None and pointwise_kernel.shape[-1] == channels))
@@ -92,7 +96,8 @@ def separable_inference(inputs, depthwise_kernel, pointwise_kernel=None, *, inpu
 def _separable_xla(inputs, kernel, in_scale, in_bias, out_scale, out_bias, pointwise_kernel,
                    scale, bias, residual, expand_kernel, stem_kernel, settings):
   """The definition: the operations in turn (and the VJP)."""
-  strides, padding, _, input_activation, output_activation, stem, residual_from_input = settings
+  (strides, padding, _, input_activation, output_activation, stem, residual_from_input,
+   with_mean) = settings
   if expand_kernel is not None:
     inputs = pointwise.pointwise_conv_xla(inputs, expand_kernel)
   if stem_kernel is not None:
@@ -104,7 +109,7 @@ def _separable_xla(inputs, kernel, in_scale, in_bias, out_scale, out_bias, point
       input_activation=input_activation, output_activation=output_activation, strides=strides,
       padding=padding)
   if pointwise_kernel is None:
-    return y
+    return (y, jnp.mean(y, axis=(1, 2))) if with_mean else y
   return pointwise.pointwise_inference(y, pointwise_kernel, scale=scale, bias=bias,
                                        activation=batch_norm.identity, residual=residual)
 
@@ -112,7 +117,8 @@ def _separable_xla(inputs, kernel, in_scale, in_bias, out_scale, out_bias, point
 @functools.partial(jax.custom_vjp, nondiff_argnums=(12,))
 def _separable_kernel(inputs, kernel, in_scale, in_bias, out_scale, out_bias, pointwise_kernel,
                       scale, bias, residual, expand_kernel, stem_kernel, settings):
-  strides, _, pads, input_activation, output_activation, stem, residual_from_input = settings
+  (strides, _, pads, input_activation, output_activation, stem, residual_from_input,
+   with_mean) = settings
   kh, kw, _, channels = kernel.shape
   height, width = inputs.shape[1:3] if stem is None else stem[2]
   out_h = depthwise.output_size(height, kh, strides[0], pads[0])
@@ -121,8 +127,10 @@ def _separable_kernel(inputs, kernel, in_scale, in_bias, out_scale, out_bias, po
   out_shape = (inputs.shape[0], out_h, out_w, out_channels)
   empty = jnp.zeros((0,), jnp.float32)  # An operand left out.
   given = lambda value: empty if value is None else value
-  out, = calls.kernel_call(
-      'mobilenet_separable_inference', [jax.ShapeDtypeStruct(out_shape, jnp.float32)],
+  mean_shape = (inputs.shape[0], channels if with_mean else 0)
+  out, mean = calls.kernel_call(
+      'mobilenet_separable_inference', [jax.ShapeDtypeStruct(out_shape, jnp.float32),
+                                        jax.ShapeDtypeStruct(mean_shape, jnp.float32)],
       [inputs, kernel.reshape(kh, kw, channels), in_scale, in_bias, out_scale, out_bias,
        given(pointwise_kernel), given(scale), given(bias), given(residual), given(expand_kernel),
        given(stem_kernel)],
@@ -131,7 +139,7 @@ def _separable_kernel(inputs, kernel, in_scale, in_bias, out_scale, out_bias, po
       **depthwise.activation_attributes('in', input_activation),
       **depthwise.activation_attributes('out', output_activation),
       **_stem_attributes(stem), residual_from_input=np.int64(residual_from_input))
-  return out
+  return (out, mean) if with_mean else out
 
 
 def _stem_attributes(stem):

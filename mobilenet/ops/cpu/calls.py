@@ -96,7 +96,8 @@ def kernel_call(target: str, out_shapes, operands, *, batched: Sequence[bool],
                 for arg, v, b in zip(args, in_batched, batched)]
       outputs = kernel_call(target, out_shapes, merged,
                             batched=batched, combine=combine, **attributes)
-      outputs = tuple(o.reshape(axis_size, -1, *o.shape[1:]) for o in outputs)
+      outputs = tuple(o.reshape(axis_size, o.shape[0] // axis_size, *o.shape[1:])  # Even if empty.
+                      for o in outputs)
     else:
       def one(mapped):
         it = iter(mapped)

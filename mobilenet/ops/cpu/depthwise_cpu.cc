@@ -393,8 +393,11 @@ void InferenceForward(ffi::ThreadPool& pool, const Geometry& g, const float* x, 
 // pending for the next depthwise layer), or an inverted residual block's projection with its
 // BatchNorm and residual add. With `residual_from_input` the residual is the depthwise layer's
 // input as the layer in front computed it (V3-Large's first block: the stem's activated output,
-// stride 1), copied from the band buffer rather than read from memory. The band is smaller than
-// InferenceForward's (kSeparableBandBytes): its output rows must stay in L2 too.
+// stride 1), copied from the band buffer rather than read from memory. Without the projection,
+// `mean` (if given) gets each image's mean depthwise output per channel, summed from each band
+// as it is written: squeeze-and-excitation's pooling, without a pass of its own over memory.
+// The band is smaller than InferenceForward's (kSeparableBandBytes): its output rows must stay
+// in L2 too.
 constexpr int64_t kSeparableBandBytes = 256 * 1024;
 
 // The layer in front of the depthwise layer, whose output, with the depthwise layer's `in`
@@ -476,7 +479,8 @@ void SeparableInference(ffi::ThreadPool& pool, const Geometry& g, const float* x
                         const Affine& in, InActivation in_act, const Affine& out,
                         OutActivation out_act, const InputLayer* input_layer, const float* w,
                         int64_t d, const mobilenet::pointwise::Epilogue& pw,
-                        const float* residual, bool residual_from_input, float* y) {
+                        const float* residual, bool residual_from_input, float* y,
+                        float* mean) {
   const bool small = SmallMap(g), project = w != nullptr;
   const Bands bands = MakeBands<K>(g, kSeparableBandBytes);
   const int64_t band_oh = small ? g.oh : bands.band_oh;
@@ -528,6 +532,7 @@ void SeparableInference(ffi::ThreadPool& pool, const Geometry& g, const float* x
     for (int64_t n = lo; n < hi; ++n) {
       const float* image = x + n * g.h * g.w * g.c;
       HeldRows held;
+      if (mean != nullptr) std::fill(mean + n * g.c, mean + (n + 1) * g.c, 0.0f);
       if (small && input_layer) {
         InputLayerRows(g, *input_layer, in, in_act, n, 0, g.h, stem_scratch, activated.data());
       } else if (small) {
@@ -571,6 +576,18 @@ void SeparableInference(ffi::ThreadPool& pool, const Geometry& g, const float* x
           ForwardImage<K>(band, all, activated.data(), nullptr, f, out, epilogue);
         }
         if (project) filled += rows_out * g.ow;
+        if (mean != nullptr) {  // The rows just written, from cache.
+          float* sum = mean + n * g.c;
+          for (const float* pixel = out; pixel < out + rows_out * g.ow * g.c; pixel += g.c) {
+            for (int64_t cb = 0; cb < g.c; cb += kLanes) {
+              Store(sum + cb, Load(sum + cb) + Load(pixel + cb));
+            }
+          }
+        }
+      }
+      if (mean != nullptr) {
+        const float pixels = static_cast<float>(g.oh * g.ow);
+        for (int64_t ch = 0; ch < g.c; ++ch) mean[n * g.c + ch] /= pixels;
       }
     }
     if (filled > 0) flush();
@@ -960,7 +977,8 @@ ffi::Error InferenceForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // (stem_oh, stem_ow) = (H, W); f: (K, K, C); the four affine vectors (C); w: (C, D), or empty to
 // leave the projection out (then D = C); pw_scale, pw_bias (D) (empty without w); residual:
 // (N, OH, OW, D) or empty; residual_from_input: add the depthwise layer's input instead (with the
-// stem, stride 1, D = C); y: (N, OH, OW, D).
+// stem, stride 1, D = C); y: (N, OH, OW, D); mean: (N, C) (without w: y's mean over each image)
+// or (N, 0).
 ffi::Error SeparableInferenceImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                   ffi::Buffer<ffi::F32> f, ffi::Buffer<ffi::F32> in_scale,
                                   ffi::Buffer<ffi::F32> in_bias, ffi::Buffer<ffi::F32> out_scale,
@@ -968,6 +986,7 @@ ffi::Error SeparableInferenceImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                   ffi::Buffer<ffi::F32> pw_scale, ffi::Buffer<ffi::F32> pw_bias,
                                   ffi::Buffer<ffi::F32> residual, ffi::Buffer<ffi::F32> expand,
                                   ffi::Buffer<ffi::F32> stem, ffi::ResultBuffer<ffi::F32> y,
+                                  ffi::ResultBuffer<ffi::F32> mean,
                                   int64_t sh, int64_t sw, int64_t pt, int64_t pl, int32_t in_kind,
                                   float in_lo, float in_hi, int32_t out_kind, float out_lo,
                                   float out_hi, int64_t stem_sh, int64_t stem_sw, int64_t stem_pt,
@@ -999,11 +1018,13 @@ ffi::Error SeparableInferenceImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       y->element_count() != rows * d ||
       (residual.element_count() != 0 && (!projecting || residual.element_count() != rows * d)) ||
       (residual_from_input && (!stemming || !projecting || residual.element_count() != 0 ||
-                               d != g.c || g.oh != g.h || g.ow != g.w))) {
+                               d != g.c || g.oh != g.h || g.ow != g.w)) ||
+      (mean->element_count() != 0 && (projecting || mean->element_count() != g.n * g.c))) {
     return ffi::Error::InvalidArgument(
         "shapes: x (N, H, W, C), or (N, H, W, c) with expand (c, C), or (N, H0, W0, c) with stem "
         "(kh, kw, c, C); w (C, D) or empty, pw_scale and pw_bias (D), residual (N, OH, OW, D) or "
-        "empty (or residual_from_input, with the stem, D = C and OH, OW = H, W), y (N, OH, OW, D)");
+        "empty (or residual_from_input, with the stem, D = C and OH, OW = H, W), y (N, OH, OW, D), "
+        "mean (N, C) without w, or (N, 0)");
   }
   const Affine in{in_scale.typed_data(), in_bias.typed_data(), in_kind, in_lo, in_hi};
   const Affine out{out_scale.typed_data(), out_bias.typed_data(), out_kind, out_lo, out_hi};
@@ -1019,7 +1040,8 @@ ffi::Error SeparableInferenceImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     SeparableInference<decltype(k)::value>(
         pool, g, x.typed_data(), f.typed_data(), in, in_act, out, out_act,
         expanding || stemming ? &input_layer : nullptr, projecting ? w.typed_data() : nullptr, d,
-        pw, res, residual_from_input != 0, y->typed_data());
+        pw, res, residual_from_input != 0, y->typed_data(),
+        mean->element_count() != 0 ? mean->typed_data() : nullptr);
   });
   return ffi::Error::Success();
 }
@@ -1112,7 +1134,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeparableInferenceForward, SeparableInferenceImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // residual
                                   .Arg<ffi::Buffer<ffi::F32>>()  // expand
                                   .Arg<ffi::Buffer<ffi::F32>>()  // stem
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // mean
                                   .Attr<int64_t>("sh")
                                   .Attr<int64_t>("sw")
                                   .Attr<int64_t>("pt")
