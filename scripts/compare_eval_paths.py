@@ -5,11 +5,11 @@ r"""What each inference fusion brings: layer by layer vs the fused kernels, in o
 
 For each architecture and width: the forward pass layer by layer, fused with each depthwise
 layer and 1x1 product a kernel of its own, fused with the two in one kernel but an inverted
-residual block's expansion apart, the same with the stem apart, and fused with the expansion
-and the stem in that kernel too, called in turn round after round for --seconds
-(mobilenet/bench/eval_paths.py); prints the median ms per batch of each and the median paired
-speed-ups of the fused form over the two-kernel form, over the expansion apart and over the
-stem apart. The tables in docs/performance.md (twelfth, fourteenth and fifteenth rounds) come
+residual block's expansion apart, the same with the stem apart, the same with squeeze-and-
+excitation's pooling apart, and fused with all of them in that kernel, called in turn round
+after round for --seconds (mobilenet/bench/eval_paths.py); prints the median ms per batch of
+each and the median paired speed-ups of the fused form over the two-kernel form and over each
+one apart. The tables in docs/performance.md (twelfth, fourteenth and fifteenth rounds) come
 from this command.
 """
 import json

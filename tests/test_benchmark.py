@@ -63,20 +63,22 @@ def test_the_depthwise_kernel_benchmark_parses_shapes_and_times_all_three_calls(
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason='needs a C++ compiler')
-def test_the_eval_paths_comparison_times_all_five_forward_passes_in_turn():
+def test_the_eval_paths_comparison_times_all_six_forward_passes_in_turn():
   config = config_base.base_config()
-  config.model.name, config.model.width_multiplier = 'mobilenet_v2', 0.35
+  config.model.name, config.model.width_multiplier = 'mobilenet_v3_small', 0.35
   config.model.resolution, config.batch_size = 32, 4
   row = eval_paths.compare(config, seconds=0.5)
-  assert row['rounds'] >= 1 and row['architecture'] == 'mobilenet_v2'
+  assert row['rounds'] >= 1 and row['architecture'] == 'mobilenet_v3_small'
   for path in eval_paths.PATHS:
     assert row[f'{path}_ms'] > 0
   assert row['fused_speedup'] > 0 and row['layer_by_layer_speedup'] > 0
-  assert row['expansion_speedup'] > 0 and row['stem_speedup'] > 0
-  assert eval_paths.format_row(row).split()[0] == 'mobilenet_v2'
+  for fusion in ('expansion', 'stem', 'pooling'):
+    assert row[f'{fusion}_speedup'] > 0
+  assert eval_paths.format_row(row).split()[0] == 'mobilenet_v3_small'
   # Only the one-kernel paths compute a depthwise layer and its product together, only those
-  # with the expansion the expansions in that kernel too (fewer 1x1 products of their own), and
-  # only those with the stem the stem (no convolution kernel of its own).
+  # with the expansion the expansions in that kernel too (fewer 1x1 products of their own),
+  # only those with the stem the stem (no convolution kernel of its own), and only those with
+  # the pooling squeeze-and-excitation's means (no reduction of XLA's).
   model = model_lib.create_model(config.model)
   images = benchmark.synthetic_batch(config)['image']
   variables = model.init(jax.random.key(0), images)
@@ -92,7 +94,9 @@ def test_the_eval_paths_comparison_times_all_five_forward_passes_in_turn():
   stem_calls = {name: text.count('@mobilenet_conv_forward(') for name, text in hlo.items()}
   assert stem_calls['fused'] == stem_calls['fused_expansion_apart'] == 0
   assert stem_calls['fused_stem_apart'] == stem_calls['fused_two_kernels'] == 1
-  for name in ('fused', 'fused_expansion_apart', 'fused_stem_apart'):
+  reductions = {name: text.count('stablehlo.reduce') for name, text in hlo.items()}
+  assert reductions['fused'] < reductions['fused_pooling_apart']
+  for name in ('fused', 'fused_expansion_apart', 'fused_stem_apart', 'fused_pooling_apart'):
     np.testing.assert_allclose(jax.jit(passes[name])(variables, images),
                                jax.jit(passes['fused_two_kernels'])(variables, images),
                                rtol=1e-4, atol=1e-4)

@@ -1,4 +1,4 @@
-"""What each inference fusion brings: the model's forward pass five ways, timed in one process.
+"""What each inference fusion brings: the model's forward pass six ways, timed in one process.
 
 For a config's model on a synthetic batch of its shape this compiles
 
@@ -8,16 +8,19 @@ For a config's model on a synthetic batch of its shape this compiles
 - 'fused_expansion_apart': 'fused' with every inverted residual block's expansion a product
   of its own;
 - 'fused_stem_apart': 'fused' with the stem a kernel call of its own;
+- 'fused_pooling_apart': 'fused' with squeeze-and-excitation's pooling XLA's mean over the
+  depthwise output (the kernel's own sums unused);
 - 'fused': a depthwise layer and the 1x1 product after it in one kernel (ops/separable.py), with
-  the expansion before it and, in the first block, the stem, what evaluation runs with
+  the expansion before it, in the first block the stem, and squeeze-and-excitation's pooling
+  summed as the depthwise output is written, what evaluation runs with
   `config.model.fused_inference`;
 
-and calls them in turn, round after round, for `seconds`: each round's five calls meet the
+and calls them in turn, round after round, for `seconds`: each round's six calls meet the
 same machine, so the paired ratios hold where this machine's speed drifts between runs
 (10-30% on the shared 2-core VMs of docs/performance.md). Reports each path's median
 milliseconds per batch, the median of the per-round speed-ups of 'fused' over
-'fused_two_kernels', over 'fused_expansion_apart' ('expansion_speedup') and over
-'fused_stem_apart' ('stem_speedup').
+'fused_two_kernels', over 'fused_expansion_apart' ('expansion_speedup'), over
+'fused_stem_apart' ('stem_speedup') and over 'fused_pooling_apart' ('pooling_speedup').
 """
 import statistics
 import time
@@ -31,7 +34,7 @@ from mobilenet.models import fused_inference
 from mobilenet.models import mobilenet as model_lib
 
 PATHS = ('layer_by_layer', 'fused_two_kernels', 'fused_expansion_apart', 'fused_stem_apart',
-         'fused')
+         'fused_pooling_apart', 'fused')
 
 
 def _forward_passes(model) -> Dict[str, Callable]:
@@ -39,6 +42,7 @@ def _forward_passes(model) -> Dict[str, Callable]:
             'fused_two_kernels': fused_inference.inference_fn(model, separable=False),
             'fused_expansion_apart': fused_inference.inference_fn(model, expansion=False),
             'fused_stem_apart': fused_inference.inference_fn(model, stem=False),
+            'fused_pooling_apart': fused_inference.inference_fn(model, pooling=False),
             'fused': fused_inference.inference_fn(model)}
   if passes['fused'] is None:
     raise ValueError(f'fused inference cannot compute this model: '
@@ -47,7 +51,7 @@ def _forward_passes(model) -> Dict[str, Callable]:
 
 
 def compare(config: ml_collections.ConfigDict, seconds: float = 10.0) -> Dict[str, Any]:
-  """The five paths' median ms per batch and median paired speed-ups, for `config`'s model."""
+  """The six paths' median ms per batch and median paired speed-ups, for `config`'s model."""
   model = model_lib.create_model(config.model)
   images = benchmark.synthetic_batch(config)['image']
   variables = jax.jit(model.init)(jax.random.key(config.seed), images)
@@ -75,6 +79,7 @@ def compare(config: ml_collections.ConfigDict, seconds: float = 10.0) -> Dict[st
          for name in ('layer_by_layer', 'fused')},
       'expansion_speedup': speedup('fused_expansion_apart', 'fused'),
       'stem_speedup': speedup('fused_stem_apart', 'fused'),
+      'pooling_speedup': speedup('fused_pooling_apart', 'fused'),
   }
 
 
@@ -82,11 +87,13 @@ def format_row(row: Dict[str, Any]) -> str:
   return (f"{row['architecture']:<34} {row['width_multiplier']:>5} {row['resolution']:>4} "
           f"{row['batch_size']:>5} {row['layer_by_layer_ms']:>10.2f} "
           f"{row['fused_two_kernels_ms']:>10.2f} {row['fused_expansion_apart_ms']:>10.2f} "
-          f"{row['fused_stem_apart_ms']:>10.2f} {row['fused_ms']:>10.2f} "
-          f"{row['fused_speedup']:>8.3f} {row['expansion_speedup']:>9.3f} "
-          f"{row['stem_speedup']:>7.3f} {row['rounds']:>6}")
+          f"{row['fused_stem_apart_ms']:>10.2f} {row['fused_pooling_apart_ms']:>10.2f} "
+          f"{row['fused_ms']:>10.2f} {row['fused_speedup']:>8.3f} "
+          f"{row['expansion_speedup']:>9.3f} {row['stem_speedup']:>7.3f} "
+          f"{row['pooling_speedup']:>7.3f} {row['rounds']:>6}")
 
 
 HEADER = (f"{'architecture':<34} {'alpha':>5} {'res':>4} {'batch':>5} {'layers ms':>10} "
-          f"{'2-kernel ms':>10} {'exp. apart':>10} {'stem apart':>10} {'fused ms':>10} "
-          f"{'speedup':>8} {'expansion':>9} {'stem':>7} {'rounds':>6}")
+          f"{'2-kernel ms':>10} {'exp. apart':>10} {'stem apart':>10} {'pool apart':>10} "
+          f"{'fused ms':>10} {'speedup':>8} {'expansion':>9} {'stem':>7} {'pooling':>7} "
+          f"{'rounds':>6}")

@@ -110,12 +110,12 @@ def _stem_in_kernel(x) -> bool:
 
 
 def inference_fn(model: MobileNet, separable: bool = True, expansion: bool = True,
-                 stem: bool = True) -> Optional[Callable]:
+                 stem: bool = True, pooling: bool = True) -> Optional[Callable]:
   """`(variables, images) -> logits` in inference mode with the BatchNorms fused, or None.
 
   `separable=False` keeps every depthwise layer and 1x1 product a kernel call of its own,
-  `expansion=False` every expansion, `stem=False` the stem (to measure what the one-kernel
-  forms bring: bench/eval_paths.py).
+  `expansion=False` every expansion, `stem=False` the stem, `pooling=False` squeeze-and-
+  excitation's pooling (to measure what the one-kernel forms bring: bench/eval_paths.py).
   """
   if unsupported_reason(model) is not None:
     return None
@@ -140,7 +140,7 @@ def inference_fn(model: MobileNet, separable: bool = True, expansion: bool = Tru
       if stage.kind == 'separable':
         x = _separable(stage, x, params, affine, separable)
       elif stage.kind == 'inverted_residual':
-        x = _inverted_residual(stage, x, params, affine, separable, expansion)
+        x = _inverted_residual(stage, x, params, affine, separable, expansion, pooling)
       else:  # The last 1x1 convolution (V2, V3), its BatchNorm + activation in the product's pass.
         scale, bias = affine(stage.name, 'bn')
         inputs = _value(x)
@@ -255,8 +255,8 @@ def _expansion_fuses(stage, inputs, kernel) -> bool:
           and max(inputs.shape[1:3]) > stage.kernel_size)
 
 
-def _inverted_residual(stage, x, params, affine, one_kernel: bool,
-                       expansion: bool) -> jnp.ndarray:
+def _inverted_residual(stage, x, params, affine, one_kernel: bool, expansion: bool,
+                       pooling: bool) -> jnp.ndarray:
   scale, bias = affine(stage.name, 'project_bn')
   if (_stem_in_kernel(x) and stage.residual and not stage.expanded_channels
       and not stage.se_channels):
@@ -288,6 +288,9 @@ def _inverted_residual(stage, x, params, affine, one_kernel: bool,
   if one_kernel:  # A block with squeeze-and-excitation (the others returned above).
     y, mean = _depthwise_then_product(stage, x, params, affine, None, expand=expand,
                                       with_mean=True)
+    if not pooling:
+      with jax.named_scope(f'{stage.name}/se'):
+        mean = jnp.mean(y, axis=(1, 2))
     gate = _squeeze_excite_gate(mean, params[stage.name]['se'], stage.name)
   else:
     y = _depthwise(stage, x, params, affine)
