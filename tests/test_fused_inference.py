@@ -338,6 +338,20 @@ def test_fused_inference_matches_layer_by_layer_for_the_family(name, alpha):
 
 
 @needs_kernels
+@pytest.mark.parametrize('form,resolution,one_kernel_blocks', [
+    ('cifar', 32, 1),  # The first block, with the stem; the rest on maps of 16x16 and less.
+    ('imagenet', 224, 5),  # 112x112 to 28x28 (blocks 1-5); 14x14 and 7x7 on two kernels.
+])
+def test_v1_takes_the_one_kernel_where_it_measured_faster(form, resolution, one_kernel_blocks):
+  model = v1(form, alpha=0.5)
+  images = jnp.zeros((1, resolution, resolution, 3))
+  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  hlo = jax.jit(fused_inference.inference_fn(model)).lower(variables, images).as_text()
+  assert hlo.count('@mobilenet_separable_inference(') == one_kernel_blocks
+  assert '@mobilenet_conv_forward(' not in hlo  # The stem inside the first block's kernel.
+
+
+@needs_kernels
 def test_only_what_it_computes_is_fused():
   base = v1()
   assert fused_inference.unsupported_reason(base) is None

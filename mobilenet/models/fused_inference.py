@@ -18,14 +18,16 @@ residual block makes none. The 1x1 products themselves run on that kernel too:
 XLA's are up to 3x slower for these small matrices (docs/performance.md, tenth
 round). (Folding `a` into the kernels instead would cost a pass over every
 weight per step.) Where a depthwise layer feeds a 1x1 product directly (V1's
-blocks up to 256 channels, every inverted residual block without
-squeeze-and-excitation), one kernel computes both
+blocks up to 256 channels on maps of 28x28 and up, and its first block; every
+inverted residual block without squeeze-and-excitation), one kernel computes both
 (`separable.separable_inference`): the depthwise output goes into the product
 band by band while in cache, never to memory (docs/performance.md, twelfth
 round). The same kernel computes an inverted residual block's expansion band by
 band into the depthwise layer's input, where the map is larger than the filter,
 so the expanded channels never go to memory either (fourteenth round), and the
-network's stem into the first block's (fifteenth round).
+network's stem into the first block's; without the projection (squeeze-and-
+excitation blocks) it sums the gate's pooling as it writes the depthwise output
+(fifteenth round).
 
 `inference_fn(model)` returns a function `(variables, images) -> logits`
 computing `model.apply(variables, images, train=False)` this way, or None when
@@ -222,15 +224,34 @@ def _depthwise_then_product(stage, x: _Pending, params, affine, product: Optiona
         with_mean=with_mean, strides=(stage.stride, stage.stride))
 
 
+# A V1 block's depthwise layer and product in one kernel pay where each image's output map is
+# large (28x28 and up: 1.01-1.07x faster than two kernels at 224); on smaller maps (the 32x32
+# form's after the first block, 224's from 14x14) two kernels were 2-7% faster, paired
+# (docs/performance.md, fifteenth round).
+_V1_ONE_KERNEL_MIN_POSITIONS = 28 * 28
+
+
+def _v1_one_kernel_pays(stage, x: _Pending, kernel) -> bool:
+  """Whether V1's block computes its depthwise layer and product in one kernel (the stem too,
+  in the first block, which saves the stem's pass over memory whatever the map)."""
+  if not pointwise.kernel_product_pays(*kernel.shape):  # 512+ channels: XLA's dot is faster.
+    return False
+  if _stem_in_kernel(x):
+    return True
+  height, width = x.raw.shape[1:3]
+  positions = -(-height // stage.stride) * -(-width // stage.stride)
+  return positions >= _V1_ONE_KERNEL_MIN_POSITIONS
+
+
 def _separable(stage, x, params, affine, one_kernel: bool) -> _Pending:
   if not isinstance(x, _Pending):
     x = _identity_pending(x)
   kernel = _kernel(params, stage.name, 'pointwise')
-  if one_kernel and pointwise.kernel_product_pays(*kernel.shape):  # Early layers: memory-bound.
+  if one_kernel and _v1_one_kernel_pays(stage, x, kernel):
     channels = kernel.shape[-1]
     y = _depthwise_then_product(stage, x, params, affine, 'pointwise',
                                 jnp.ones(channels, jnp.float32), jnp.zeros(channels, jnp.float32))
-  else:  # 512+ channels: XLA's dot is faster than the kernel's product.
+  else:
     y = _depthwise(stage, x, params, affine)
     with jax.named_scope(f'{stage.name}/pointwise'):
       y = _product(y, kernel)
