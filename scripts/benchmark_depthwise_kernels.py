@@ -4,7 +4,9 @@
   python3 scripts/benchmark_depthwise_kernels.py --layers=16x112x112x16k3s2 --json
 
 Shapes are BATCHxHEIGHTxWIDTHxCHANNELS k FILTER s STRIDE, with e CHANNELS for an input expanded
-from that many channels (the expansion then also runs inside the kernel); the default list is
+from that many channels (the expansion then also runs inside the kernel) and p CHANNELS for an
+output multiplied into that many (the product then also runs in the kernel and after it, in
+turn, with their paired ratio: what models/fused_inference.py's V1 rule rests on); the default list is
 V3-Small's and V1's maps no larger than the filter in the 32x32 form (batch 128)
 and a larger map for comparison (mobilenet/bench/depthwise_kernels.py).
 """
@@ -22,7 +24,8 @@ from mobilenet.bench import depthwise_kernels
 _LAYERS = flags.DEFINE_list(
     'layers', ['128x2x2x576k5s1', '128x2x2x288k5s1', '128x4x4x240k5s1', '128x4x4x144k5s1',
                '128x2x2x1024k3s1', '128x8x8x240k5s2'],
-    'Layer shapes, BATCHxHEIGHTxWIDTHxCHANNELS k FILTER s STRIDE [e EXPANDED FROM].')
+    'Layer shapes, BATCHxHEIGHTxWIDTHxCHANNELS k FILTER s STRIDE [e EXPANDED FROM] '
+    '[p PROJECTED TO].')
 _STEPS = flags.DEFINE_integer('steps', 100, 'Timed calls per kernel; the median is reported.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON line per layer instead of a table.')
 
@@ -35,8 +38,8 @@ def main(argv):
   except ValueError:
     raise errors.UserError(f'--layers={",".join(_LAYERS.value)}: each shape is written like '
                            '128x2x2x576k5s1 (batch x height x width x channels, k filter size, '
-                           's stride) or 16x7x7x576k5s1e96 (e: expanded from 96 channels)'
-                           ) from None
+                           's stride), 16x7x7x576k5s1e96 (e: expanded from 96 channels) or '
+                           '128x4x4x256k3s1p256 (p: multiplied into 256 channels)') from None
   rows = depthwise_kernels.time_layers(layers, steps=_STEPS.value)
   print('\n'.join(map(json.dumps, rows)) if _JSON.value else depthwise_kernels.format_rows(rows),
         flush=True)

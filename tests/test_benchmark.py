@@ -59,6 +59,12 @@ def test_the_depthwise_kernel_benchmark_parses_shapes_and_times_all_three_calls(
   assert expanded == depthwise_kernels.Layer(4, 6, 6, 16, 3, 2, expanded_from=8)
   row, = depthwise_kernels.time_layers([expanded], warmup=1, steps=3)
   assert row['layer'] == '4x6x6x16 3x3/2 from 8' and row['expanded_forward_ms'] > 0
+  projected = depthwise_kernels.Layer.parse('4x6x6x16k3s1p24')
+  assert projected == depthwise_kernels.Layer(4, 6, 6, 16, 3, 1, projected_to=24)
+  row, = depthwise_kernels.time_layers([projected], warmup=1, steps=3)
+  assert row['layer'] == '4x6x6x16 3x3/1 to 24'
+  assert row['one_kernel_ms'] > 0 and row['two_kernels_ms'] > 0 and row['one_kernel_speedup'] > 0
+  assert 'one vs two' in depthwise_kernels.format_rows([row])
   assert 'expanded forward ms' in depthwise_kernels.format_rows([row])
 
 

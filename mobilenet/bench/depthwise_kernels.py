@@ -14,24 +14,32 @@ the forward), and timed as the median of `steps` calls after `warmup`.
 A layer written with an expansion ('16x7x7x576k5s1e96': its input expanded from
 96 channels) also times fused inference's call that computes the expansion band
 by band inside the depthwise kernel (`separable.separable_inference` with
-`expand_kernel` and no projection), from the block's 96-channel input.
+`expand_kernel` and no projection), from the block's 96-channel input. A layer
+written with a product ('128x4x4x256k3s1p256': its output multiplied into 256
+channels, a V1 block) also times the depthwise layer and the product in one
+kernel (`separable.separable_inference`) and in two (the inference forward,
+then `pointwise.matrix_product`), called in turn, and their paired ratio.
 """
 import dataclasses
-from typing import Dict, List, Optional, Sequence
+import re
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mobilenet.bench import benchmark
-from mobilenet.ops import depthwise, separable
+from mobilenet.ops import depthwise, pointwise, separable
 from mobilenet.ops.cpu import kernels as cpu_kernels
 
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
-  """A depthwise layer: batch, input height and width, channels, filter size, stride, and the
-  channels its input is expanded from (an inverted residual block's), if any."""
+  """A depthwise layer: batch, input height and width, channels, filter size, stride, the
+  channels its input is expanded from (an inverted residual block's) and the channels its output
+  is multiplied into (a V1 block's product), if any."""
   batch: int
   height: int
   width: int
@@ -39,23 +47,25 @@ class Layer:
   kernel_size: int
   stride: int
   expanded_from: Optional[int] = None
+  projected_to: Optional[int] = None
 
   @classmethod
   def parse(cls, text: str) -> 'Layer':
-    """'128x2x2x576k5s1' -> Layer(128, 2, 2, 576, 5, 1); '...s1e96' -> expanded_from=96."""
-    shape, rest = text.lower().split('k')
-    size, stride = rest.split('s')
-    stride, _, expanded_from = stride.partition('e')
-    dimensions = [int(value) for value in shape.split('x')]
-    if len(dimensions) != 4:
-      raise ValueError(f'{text}: four dimensions before k, not {len(dimensions)}')
-    return cls(*dimensions, int(size), int(stride),
-               int(expanded_from) if expanded_from else None)
+    """'128x2x2x576k5s1' -> Layer(128, 2, 2, 576, 5, 1); '...s1e96' -> expanded_from=96;
+    '...s1p256' -> projected_to=256."""
+    match = re.fullmatch(r'(\d+)x(\d+)x(\d+)x(\d+)k(\d+)s(\d+)(?:e(\d+))?(?:p(\d+))?',
+                         text.lower())
+    if match is None:
+      raise ValueError(f'{text}: not BATCHxHEIGHTxWIDTHxCHANNELS k FILTER s STRIDE [e N] [p N]')
+    *dimensions, expanded_from, projected_to = match.groups()
+    return cls(*map(int, dimensions), int(expanded_from) if expanded_from else None,
+               int(projected_to) if projected_to else None)
 
   def label(self) -> str:
     expansion = f' from {self.expanded_from}' if self.expanded_from else ''
+    product = f' to {self.projected_to}' if self.projected_to else ''
     return (f'{self.batch}x{self.height}x{self.width}x{self.channels} '
-            f'{self.kernel_size}x{self.kernel_size}/{self.stride}{expansion}')
+            f'{self.kernel_size}x{self.kernel_size}/{self.stride}{expansion}{product}')
 
 
 def _median_ms(fn, args, warmup: int, steps: int) -> float:
@@ -93,7 +103,36 @@ def time_layer(layer: Layer, *, warmup: int = 5, steps: int = 100, seed: int = 0
         input_activation=jax.nn.hard_swish, output_activation=jax.nn.hard_swish,
         expand_kernel=expand, strides=s))
     times['expanded_forward_ms'] = _median_ms(expanded_forward, (block_input,), warmup, steps)
+  if layer.projected_to:
+    w = normal(c, layer.projected_to) / np.sqrt(c)
+    ones, zeros = jnp.ones(layer.projected_to), jnp.zeros(layer.projected_to)
+    relu = jax.nn.relu
+    one_kernel = jax.jit(lambda x: separable.separable_inference(
+        x, kernel[:, :, None], w, input_affine=(scale, bias), output_affine=(scale, bias),
+        input_activation=relu, output_activation=relu, scale=ones, bias=zeros, strides=s))
+    two_kernels = jax.jit(lambda x: pointwise.matrix_product(depthwise.inference_kernel_call(
+        x, kernel, scale, bias, scale, bias, strides=s, pads=pads, input_activation=relu,
+        output_activation=relu), w))
+    times.update(_paired_ms({'one_kernel': one_kernel, 'two_kernels': two_kernels}, x, warmup,
+                            steps))
   return times
+
+
+def _paired_ms(calls: Dict[str, Callable], x, warmup: int, steps: int) -> Dict[str, float]:
+  """Each call's median ms, called in turn `steps` times, and the median of the per-turn ratios
+  of the second's time over the first's (the machine's drift cancels in each turn)."""
+  for fn in calls.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn(x))
+  times = {name: [] for name in calls}
+  for _ in range(steps):
+    for name, fn in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(x))
+      times[name].append(time.perf_counter() - start)
+  (first, a), (second, b) = times.items()
+  return {**{f'{name}_ms': 1e3 * statistics.median(t) for name, t in times.items()},
+          f'{first}_speedup': statistics.median(tb / ta for ta, tb in zip(a, b))}
 
 
 def time_layers(layers: Sequence[Layer], **kwargs) -> List[Dict[str, object]]:
@@ -102,11 +141,14 @@ def time_layers(layers: Sequence[Layer], **kwargs) -> List[Dict[str, object]]:
 
 
 def format_rows(rows: Sequence[Dict[str, object]]) -> str:
-  lines = [f"{'layer':<34}{'forward ms':>12}{'filter grad ms':>16}{'input grad ms':>15}"
-           f"{'expanded forward ms':>21}"]
+  optional = (('expanded forward ms', 'expanded_forward_ms', '.3f'),
+              ('one kernel ms', 'one_kernel_ms', '.3f'), ('two kernels ms', 'two_kernels_ms', '.3f'),
+              ('one vs two', 'one_kernel_speedup', '.3f'))
+  lines = [f"{'layer':<40}{'forward ms':>12}{'filter grad ms':>16}{'input grad ms':>15}"
+           + ''.join(f'{title:>21}' for title, _, _ in optional)]
   for row in rows:
-    expanded = row.get('expanded_forward_ms')
-    lines.append(f"{row['layer']:<34}{row['forward_ms']:>12.3f}{row['filter_grad_ms']:>16.3f}"
-                 f"{row['input_grad_ms']:>15.3f}"
-                 f"{'-' if expanded is None else f'{expanded:.3f}':>21}")
+    cells = ''.join(f"{'-' if row.get(key) is None else format(row[key], spec):>21}"
+                    for _, key, spec in optional)
+    lines.append(f"{row['layer']:<40}{row['forward_ms']:>12.3f}{row['filter_grad_ms']:>16.3f}"
+                 f"{row['input_grad_ms']:>15.3f}" + cells)
   return '\n'.join(lines)
