@@ -88,6 +88,15 @@ def test_a_failing_side_is_reported_with_its_last_line():
     torch_comparison.run_json(command, torch_comparison.cpu_set(1), 'probe')
 
 
+def test_no_side_is_measured_twice_in_a_row_and_each_takes_every_place():
+  sides = ('torch', 'torch_tuned', 'ours')
+  sequence = [side for r in range(6) for side in torch_comparison.round_order(sides, r)]
+  assert all(a != b for a, b in zip(sequence, sequence[1:]))
+  for place in range(3):
+    assert {torch_comparison.round_order(sides, r)[place] for r in range(3)} == set(sides)
+  assert torch_comparison.round_order(('torch', 'ours'), 1) == ['ours', 'torch']
+
+
 def test_the_summary_takes_medians_over_rounds_and_the_ratio(tmp_path):
   setting = torch_comparison.Setting('cifar', 'mobilenet_v2', 1.0)
   measurements = [

@@ -3,8 +3,8 @@
 For every form ('cifar': 32x32, batch 128; 'imagenet': 224x224, batch 16),
 architecture and width multiplier, each round runs scripts/torch_reference.py
 (in the PyTorch environment, .venv-torch) and scripts/benchmark.py (here) once
-each, one after the other, in an order that alternates from round to round, both
-confined to the same N CPUs; the medians over the rounds and their ratio make
+each, one after the other, in an order that rotates from round to round
+(`round_order`), both confined to the same N CPUs; the medians over the rounds and their ratio make
 one row. Measuring in one sitting and interleaved is what makes the ratio mean
 something on a machine whose speed drifts by tens of percent within minutes.
 
@@ -318,6 +318,19 @@ def write_results(output: pathlib.Path, machine: Dict[str, Any], rows: Sequence[
   return [csv_path, json_path]
 
 
+def round_order(sides: Sequence[str], round_index: int) -> List[str]:
+  """The order the sides are measured in, in round `round_index`: rotated by one side per round.
+
+  Every side takes every place in turn, so a slow stretch of this machine falls on different sides
+  in different rounds. Reversing the order every other round (which cancels a linear drift
+  exactly) measured the last side twice back to back, and one slow minute then set that side's
+  median (docs/performance.md, fifteenth round); with three sides, rotated, no side is measured
+  twice in a row.
+  """
+  shift = round_index % len(sides)
+  return [*sides[shift:], *sides[:shift]]
+
+
 def compare(settings: Sequence[Setting], *, threads: int = 2, rounds: int = 3, warmup: int = 2,
             steps: int = 10, torch_python: pathlib.Path = DEFAULT_TORCH_PYTHON,
             output: Optional[pathlib.Path] = None, profile: bool = False,
@@ -358,8 +371,7 @@ def compare(settings: Sequence[Setting], *, threads: int = 2, rounds: int = 3, w
   for setting in settings:
     mine = []
     for round_index in range(rounds):
-      sides = all_sides if round_index % 2 == 0 else all_sides[::-1]
-      for side in sides:
+      for side in round_order(all_sides, round_index):
         if side == 'ours':
           command = our_command(setting, warmup=warmup, steps=steps)
         else:
