@@ -193,6 +193,25 @@ def test_separable_inference_matches_its_definition(size, spatial, channels, out
             x, k, a, b, a2, b2, w, scale, bias, added, None, None, settings))
 
 
+def _layer_operands(rng, size, channels, out_channels):
+  """A random depthwise kernel, the four affine vectors around it, and the projection's kernel,
+  scale and bias (None without `out_channels`)."""
+  kernel = jnp.asarray(rng.normal(size=(size, size, 1, channels)), jnp.float32)
+  affines = tuple(jnp.asarray(rng.normal(size=channels), jnp.float32) for _ in range(4))
+  if out_channels is None:
+    return kernel, affines, (None, None, None)
+  w = jnp.asarray(rng.normal(size=(channels, out_channels)) / np.sqrt(channels), jnp.float32)
+  scale = jnp.asarray(rng.uniform(0.5, 2.0, out_channels), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=out_channels), jnp.float32)
+  return kernel, affines, (w, scale, bias)
+
+
+def _projected(y, w, scale, bias, residual=None):
+  """The projection's definition: y @ w at HIGHEST precision, its BatchNorm and residual."""
+  y = jnp.einsum('...c,cd->...d', y, w, precision=jax.lax.Precision.HIGHEST) * scale + bias
+  return y if residual is None else y + residual
+
+
 @pytest.mark.parametrize('size,spatial,block_channels,channels,out_channels,activations', [
     (3, (70, 64), 24, 64, 24, (jax.nn.relu6, jax.nn.relu6)),  # V2: bands share expanded rows.
     (5, (9, 8), 16, 40, None, (jax.nn.hard_swish, jax.nn.hard_swish)),  # SE's: no projection.
@@ -206,13 +225,8 @@ def test_separable_inference_with_the_expansion_matches_its_definition(
   x = jnp.asarray(rng.normal(size=(3, *spatial, block_channels)), jnp.float32)
   expand = jnp.asarray(rng.normal(size=(block_channels, channels)) / np.sqrt(block_channels),
                        jnp.float32)
-  kernel = jnp.asarray(rng.normal(size=(size, size, 1, channels)), jnp.float32)
-  a, b, a2, b2 = (jnp.asarray(rng.normal(size=channels), jnp.float32) for _ in range(4))
+  kernel, (a, b, a2, b2), (w, scale, bias) = _layer_operands(rng, size, channels, out_channels)
   projecting = out_channels is not None
-  w = (jnp.asarray(rng.normal(size=(channels, out_channels)) / np.sqrt(channels), jnp.float32)
-       if projecting else None)
-  scale = jnp.asarray(rng.uniform(0.5, 2.0, out_channels), jnp.float32) if projecting else None
-  bias = jnp.asarray(rng.normal(size=out_channels), jnp.float32) if projecting else None
   before, after = activations
   for strides in ((1, 1), (2, 2)):
     residual = x if projecting and strides == (1, 1) and out_channels == block_channels else None
@@ -225,8 +239,7 @@ def test_separable_inference_with_the_expansion_matches_its_definition(
     want = after(depthwise.depthwise_conv(before(expanded * a + b), kernel, strides=strides,
                                           implementation='xla') * a2 + b2)
     if projecting:
-      want = jnp.einsum('...c,cd->...d', want, w, precision=jax.lax.Precision.HIGHEST)
-      want = want * scale + bias + (0 if residual is None else residual)
+      want = _projected(want, w, scale, bias, residual)
     have = run(x)
     assert have.shape == want.shape and np.std(want) > 0.1
     np.testing.assert_allclose(have, want, rtol=2e-4, atol=2e-4)
@@ -251,13 +264,8 @@ def test_separable_inference_with_the_stem_matches_its_definition(
   rng = np.random.default_rng(7)
   images = jnp.asarray(rng.normal(size=(3, *spatial, 3)), jnp.float32)
   stem = jnp.asarray(rng.normal(size=(3, 3, 3, channels)) / np.sqrt(27), jnp.float32)
-  kernel = jnp.asarray(rng.normal(size=(size, size, 1, channels)), jnp.float32)
-  a, b, a2, b2 = (jnp.asarray(rng.normal(size=channels), jnp.float32) for _ in range(4))
+  kernel, (a, b, a2, b2), (w, scale, bias) = _layer_operands(rng, size, channels, out_channels)
   projecting = out_channels is not None
-  w = (jnp.asarray(rng.normal(size=(channels, out_channels)) / np.sqrt(channels), jnp.float32)
-       if projecting else None)
-  scale = jnp.asarray(rng.uniform(0.5, 2.0, out_channels), jnp.float32) if projecting else None
-  bias = jnp.asarray(rng.normal(size=out_channels), jnp.float32) if projecting else None
   before, after = activations
   stem_out = jax.lax.conv_general_dilated(images, stem, (stem_strides,) * 2, 'SAME',
                                           dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
@@ -271,8 +279,7 @@ def test_separable_inference_with_the_stem_matches_its_definition(
     want = after(depthwise.depthwise_conv(before(stem_out * a + b), kernel, strides=strides,
                                           implementation='xla') * a2 + b2)
     if projecting:
-      want = jnp.einsum('...c,cd->...d', want, w, precision=jax.lax.Precision.HIGHEST)
-      want = want * scale + bias + (before(stem_out * a + b) if add_input else 0)
+      want = _projected(want, w, scale, bias, before(stem_out * a + b) if add_input else None)
     have = run(images)
     assert have.shape == want.shape and np.std(want) > 0.1
     np.testing.assert_allclose(have, want, rtol=2e-4, atol=2e-4)
