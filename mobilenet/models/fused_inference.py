@@ -305,20 +305,17 @@ def _inverted_residual(stage, x, params, affine, one_kernel: bool, expansion: bo
   # Squeeze-and-excitation's gate needs the whole depthwise output first: the projection is a pass
   # of its own, with the gate on its input. The kernel that writes the depthwise output sums its
   # mean for the gate, band by band from cache.
-  gate = None
   if one_kernel:  # A block with squeeze-and-excitation (the others returned above).
     y, mean = _depthwise_then_product(stage, x, params, affine, None, expand=expand,
                                       with_mean=True)
-    if not pooling:
+  else:
+    y, mean = _depthwise(stage, x, params, affine), None
+  gate = None
+  if stage.se_channels:
+    if mean is None or not pooling:
       with jax.named_scope(f'{stage.name}/se'):
         mean = jnp.mean(y, axis=(1, 2))
     gate = _squeeze_excite_gate(mean, params[stage.name]['se'], stage.name)
-  else:
-    y = _depthwise(stage, x, params, affine)
-    if stage.se_channels:
-      with jax.named_scope(f'{stage.name}/se'):
-        gate = _squeeze_excite_gate(jnp.mean(y, axis=(1, 2)), params[stage.name]['se'],
-                                    stage.name)
   with jax.named_scope(f'{stage.name}/project'):
     return pointwise.pointwise_inference(y, _kernel(params, stage.name, 'project'), scale=scale,
                                          bias=bias, activation=batch_norm.identity,
