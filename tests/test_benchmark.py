@@ -41,7 +41,7 @@ def test_the_first_row_says_how_long_the_command_took_to_its_first_step():
   assert 'start-up:' not in benchmark.format_table([{**first, 'command_to_first_step_s': None}])
 
 
-def test_the_depthwise_kernel_benchmark_parses_shapes_and_times_all_three_calls():
+def test_the_depthwise_kernel_benchmark_parses_shapes_and_times_each_call():
   from mobilenet.bench import depthwise_kernels  # pylint: disable=g-import-not-at-top
   from mobilenet.ops.cpu import kernels  # pylint: disable=g-import-not-at-top
   layer = depthwise_kernels.Layer.parse('4x2x3x16k5s1')
@@ -53,8 +53,11 @@ def test_the_depthwise_kernel_benchmark_parses_shapes_and_times_all_three_calls(
     pytest.skip('no C++ compiler: the kernels cannot be timed')
   row, = depthwise_kernels.time_layers([layer], warmup=1, steps=3)
   assert row['layer'] == '4x2x3x16 5x5/1'
-  assert all(row[key] > 0 for key in ('forward_ms', 'filter_grad_ms', 'input_grad_ms'))
+  assert all(row[key] > 0 for key in ('forward_ms', 'filter_grad_ms', 'input_grad_ms',
+                                       'backward_one_call_ms', 'backward_three_calls_ms',
+                                       'backward_one_call_speedup'))
   assert 'filter grad ms' in depthwise_kernels.format_rows([row])
+  assert 'one vs three' in depthwise_kernels.format_rows([row])
   expanded = depthwise_kernels.Layer.parse('4x6x6x16k3s2e8')
   assert expanded == depthwise_kernels.Layer(4, 6, 6, 16, 3, 2, expanded_from=8)
   row, = depthwise_kernels.time_layers([expanded], warmup=1, steps=3)

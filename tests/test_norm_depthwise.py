@@ -69,9 +69,42 @@ def test_fused_training_matches_the_two_layers(size, channels, activation, spati
   # The kernels, not an XLA fallback, computed the gradients.
   hlo = jax.jit(jax.value_and_grad(loss, argnums=(1, 4)), static_argnums=0).lower(
       fused, x, scale, bias, kernel).as_text()
-  assert 'mobilenet_depthwise_activated_filter_grad' in hlo
+  assert 'mobilenet_depthwise_activated_backward' in hlo
   assert 'mobilenet_depthwise_inference' in hlo
   assert 'mobilenet_batch_norm_apply' not in hlo  # The activated input is never written.
+  assert 'mobilenet_batch_norm_backward_sums' not in hlo  # The backward call took them.
+
+
+@needs_kernels
+@pytest.mark.parametrize('size,strides,spatial', [(3, 1, (9, 8)), (3, 2, (9, 8)), (5, 2, (4, 4)),
+                                                  (3, 1, (2, 2)), (3, 2, (70, 64))])
+def test_the_backward_call_equals_the_three_calls_it_replaces(size, strides, spatial):
+  """One call's filter gradient, input gradient and BatchNorm sums against the filter gradient
+  alone, the input-gradient kernel and the BatchNorm's backward-sums kernel."""
+  rng = np.random.default_rng(7)
+  channels = 16
+  x = jnp.asarray(rng.normal(0.5, 2.0, size=(3, *spatial, channels)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(size, size, channels)), jnp.float32)
+  a = jnp.asarray(rng.uniform(0.5, 1.5, channels), jnp.float32)
+  b = jnp.asarray(rng.normal(0.0, 0.5, channels), jnp.float32)
+  mean = jnp.mean(x, axis=(0, 1, 2))
+  s = (strides, strides)
+  pads = depthwise.explicit_padding(spatial, (size, size), s, 'SAME')
+  out_shape = jax.eval_shape(lambda x: depthwise.inference_kernel_call(
+      x, kernel, a, b, a, b, strides=s, pads=pads, input_activation=jax.nn.hard_swish,
+      output_activation=batch_norm.identity), x).shape
+  g = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+  d_filter, d_activated, sum_g, sum_gx = depthwise.activated_backward_kernel_call(
+      x, g, kernel, a, b, mean, strides=s, pads=pads, input_activation=jax.nn.hard_swish)
+  np.testing.assert_array_equal(d_filter, depthwise.activated_backward_kernel_call(
+      x, g, kernel, a, b, mean, strides=s, pads=pads, input_activation=jax.nn.hard_swish,
+      input_grad=False))
+  np.testing.assert_array_equal(
+      d_activated, depthwise.input_grad_kernel_call(g, kernel, x.shape, strides=s, pads=pads))
+  want = batch_norm.kernel_backward_sums(x, d_activated, a, b, mean,
+                                         batch_norm.KERNEL_ACTIVATIONS[jax.nn.hard_swish])
+  for have, w in zip((sum_g, sum_gx), want):
+    np.testing.assert_allclose(have, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))))
 
 
 @needs_kernels
@@ -127,7 +160,7 @@ def test_block_trains_as_with_the_plain_flax_layers(activation, kernel_size, str
     step = jax.jit(jax.grad(lambda p, i, m=model: loss(m, p, i), argnums=(0, 1), has_aux=True))
     grads[name] = step(variables['params'], x)
     if name == 'fast':  # The expansion's BatchNorm went into the depthwise kernel.
-      assert 'mobilenet_depthwise_activated_filter_grad' in step.lower(
+      assert 'mobilenet_depthwise_activated_backward' in step.lower(
           variables['params'], x).as_text()
   (fast_grads, fast_stats), (plain_grads, plain_stats) = grads['fast'], grads['plain']
   errors = jax.tree.map(relative_l2, fast_grads, plain_grads)
@@ -168,8 +201,8 @@ def test_norms_handed_across_blocks_train_as_the_layers_in_their_own_blocks(name
     step = jax.jit(jax.grad(loss, has_aux=True))
     results[fused_training] = step(variables['params'])
     hlo[fused_training] = step.lower(variables['params']).as_text()
-  assert hlo[True].count('mobilenet_depthwise_activated_filter_grad') == fused_layers
-  assert 'mobilenet_depthwise_activated_filter_grad' not in hlo[False]
+  assert hlo[True].count('mobilenet_depthwise_activated_backward') == fused_layers
+  assert 'mobilenet_depthwise_activated_backward' not in hlo[False]
   assert jax.tree.structure(results[True]) == jax.tree.structure(results[False])
   for have, want in zip(results[True], results[False]):  # Gradients, then statistics.
     flat = [np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)]) for t in (have, want)]

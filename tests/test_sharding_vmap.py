@@ -71,7 +71,7 @@ for name in ('mobilenet_v1', 'mobilenet_v2'):
     assert not gathers, (name, gathers[:5])
     assert 'mobilenet_depthwise_forward' in hlo and 'mobilenet_batch_norm_stats' in hlo
     if name == 'mobilenet_v2':  # The expansion's BatchNorm inside the depthwise kernel, sharded.
-      assert 'mobilenet_depthwise_activated_filter_grad' in hlo
+      assert 'mobilenet_depthwise_activated_backward' in hlo
     if devices > 1:
       assert 'all-reduce' in hlo  # The filter gradients' and statistics' partial sums.
     new_state, metrics = step(state, global_batch)

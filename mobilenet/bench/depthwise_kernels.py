@@ -1,11 +1,14 @@
-"""The fused depthwise kernels' three calls, timed one by one at given layer shapes.
+"""The fused depthwise kernels' calls, timed one by one at given layer shapes.
 
 A training step's depthwise layer with the BatchNorm + activation before it
-fused (ops/norm_depthwise.py) makes three C++ calls: the forward (the same
-kernel fused inference runs, `depthwise.inference_kernel_call`), the filter
-gradient with the input re-activated as it is read
-(`activated_filter_grad_kernel_call`) and the input gradient
-(`input_grad_kernel_call`). Whole-step timings on a small shared machine move
+fused (ops/norm_depthwise.py) makes two depthwise C++ calls: the forward (the
+same kernel fused inference runs, `depthwise.inference_kernel_call`) and the
+backward (`activated_backward_kernel_call`: the filter gradient with the input
+re-activated as it is read, the input gradient and BatchNorm's backward sums).
+The table has the forward, the filter gradient alone, the input gradient
+alone (`input_grad_kernel_call`), and the backward as one call and as the
+three calls it replaces (filter gradient, input gradient, the BatchNorm's
+backward-sums kernel), called in turn, with their paired ratio. Whole-step timings on a small shared machine move
 by 10-30% between runs; these isolate one layer's kernels, e.g. the maps no
 larger than the filter of V3's last blocks in the 32x32 form. Each call is
 jitted on its own, run on random float32 inputs (hard-swish on both sides of
@@ -31,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mobilenet.bench import benchmark
-from mobilenet.ops import depthwise, pointwise, separable
+from mobilenet.ops import batch_norm, depthwise, pointwise, separable
 from mobilenet.ops.cpu import kernels as cpu_kernels
 
 
@@ -88,13 +91,25 @@ def time_layer(layer: Layer, *, warmup: int = 5, steps: int = 100, seed: int = 0
       x, kernel, scale, bias, scale, bias, strides=s, pads=pads,
       input_activation=jax.nn.hard_swish, output_activation=jax.nn.hard_swish))
   g = normal(*jax.eval_shape(forward, x).shape)
-  filter_grad = jax.jit(lambda x, g: depthwise.activated_filter_grad_kernel_call(
-      x, g, scale, bias, (k, k, c), strides=s, pads=pads, input_activation=jax.nn.hard_swish))
-  input_grad = jax.jit(lambda g: depthwise.input_grad_kernel_call(g, kernel, x.shape, strides=s,
-                                                                  pads=pads))
+  mean = jnp.mean(x, axis=(0, 1, 2))
+  filter_grad = lambda x, g: depthwise.activated_backward_kernel_call(
+      x, g, kernel, scale, bias, mean, strides=s, pads=pads, input_activation=jax.nn.hard_swish,
+      input_grad=False)
+  input_grad = lambda g: depthwise.input_grad_kernel_call(g, kernel, x.shape, strides=s, pads=pads)
+
+  def three_calls(x, g):
+    d_activated = input_grad(g)
+    sums = batch_norm.kernel_backward_sums(x, d_activated, scale, bias, mean,
+                                           batch_norm.KERNEL_ACTIVATIONS[jax.nn.hard_swish])
+    return filter_grad(x, g), d_activated, *sums
+
+  one_call = lambda x, g: depthwise.activated_backward_kernel_call(
+      x, g, kernel, scale, bias, mean, strides=s, pads=pads, input_activation=jax.nn.hard_swish)
   times = {'forward_ms': _median_ms(forward, (x,), warmup, steps),
-           'filter_grad_ms': _median_ms(filter_grad, (x, g), warmup, steps),
-           'input_grad_ms': _median_ms(input_grad, (g,), warmup, steps)}
+           'filter_grad_ms': _median_ms(jax.jit(filter_grad), (x, g), warmup, steps),
+           'input_grad_ms': _median_ms(jax.jit(input_grad), (g,), warmup, steps)}
+  times.update(_paired_ms({'backward_one_call': jax.jit(one_call),
+                           'backward_three_calls': jax.jit(three_calls)}, (x, g), warmup, steps))
   if layer.expanded_from:
     block_input = normal(layer.batch, layer.height, layer.width, layer.expanded_from)
     expand = normal(layer.expanded_from, c) / np.sqrt(layer.expanded_from)
@@ -113,22 +128,22 @@ def time_layer(layer: Layer, *, warmup: int = 5, steps: int = 100, seed: int = 0
     two_kernels = jax.jit(lambda x: pointwise.matrix_product(depthwise.inference_kernel_call(
         x, kernel, scale, bias, scale, bias, strides=s, pads=pads, input_activation=relu,
         output_activation=relu), w))
-    times.update(_paired_ms({'one_kernel': one_kernel, 'two_kernels': two_kernels}, x, warmup,
+    times.update(_paired_ms({'one_kernel': one_kernel, 'two_kernels': two_kernels}, (x,), warmup,
                             steps))
   return times
 
 
-def _paired_ms(calls: Dict[str, Callable], x, warmup: int, steps: int) -> Dict[str, float]:
+def _paired_ms(calls: Dict[str, Callable], args, warmup: int, steps: int) -> Dict[str, float]:
   """Each call's median ms, called in turn `steps` times, and the median of the per-turn ratios
   of the second's time over the first's (the machine's drift cancels in each turn)."""
   for fn in calls.values():
     for _ in range(warmup):
-      jax.block_until_ready(fn(x))
+      jax.block_until_ready(fn(*args))
   times = {name: [] for name in calls}
   for _ in range(steps):
     for name, fn in calls.items():
       start = time.perf_counter()
-      jax.block_until_ready(fn(x))
+      jax.block_until_ready(fn(*args))
       times[name].append(time.perf_counter() - start)
   (first, a), (second, b) = times.items()
   return {**{f'{name}_ms': 1e3 * statistics.median(t) for name, t in times.items()},
@@ -141,7 +156,10 @@ def time_layers(layers: Sequence[Layer], **kwargs) -> List[Dict[str, object]]:
 
 
 def format_rows(rows: Sequence[Dict[str, object]]) -> str:
-  optional = (('expanded forward ms', 'expanded_forward_ms', '.3f'),
+  optional = (('backward, one call ms', 'backward_one_call_ms', '.3f'),
+              ('three calls ms', 'backward_three_calls_ms', '.3f'),
+              ('one vs three', 'backward_one_call_speedup', '.3f'),
+              ('expanded forward ms', 'expanded_forward_ms', '.3f'),
               ('one kernel ms', 'one_kernel_ms', '.3f'), ('two kernels ms', 'two_kernels_ms', '.3f'),
               ('one vs two', 'one_kernel_speedup', '.3f'))
   lines = [f"{'layer':<40}{'forward ms':>12}{'filter grad ms':>16}{'input grad ms':>15}"

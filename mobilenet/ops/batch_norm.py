@@ -202,16 +202,30 @@ def _kernel_train_bwd(epsilon, kernel_activation, residuals, cotangents):
 
 def kernel_backward(x, mean, inv_std, scale, bias, dy, kernel_activation):
   """(dx, d_scale, d_bias) of training-mode activation(BN(x)) for the gradient `dy` at its output."""
+  a, b = _coefficients(mean, inv_std, scale, bias)
+  sums = kernel_backward_sums(x, dy, a, b, mean, kernel_activation)
+  return kernel_backward_from_sums(x, mean, inv_std, scale, bias, dy, sums, kernel_activation)
+
+
+def kernel_backward_sums(x, dy, a, b, mean, kernel_activation):
+  """(sum of g, sum of g * (x - mean)) over the batch, g = dy * activation'(x * a + b): the
+  gradient at the BatchNorm's output, from `dy` at the activation's."""
+  channels = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
+  return _kernel('backward_sums', (channels, channels), x, dy, a, b, mean,
+                 **_kernel_attributes(kernel_activation))
+
+
+def kernel_backward_from_sums(x, mean, inv_std, scale, bias, dy, sums, kernel_activation):
+  """`kernel_backward` with its two per-channel sums over the batch given: (sum of g, sum of g *
+  (x - mean)), g the gradient at the BatchNorm's output (a kernel that computed dy took them)."""
   count = x.size // x.shape[-1]
   a, b = _coefficients(mean, inv_std, scale, bias)
-  channels = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
-  attributes = _kernel_attributes(kernel_activation)
-  sum_g, sum_gx = _kernel('backward_sums', (channels, channels), x, dy, a, b, mean, **attributes)
+  sum_g, sum_gx = sums
   # dx = a * (g - sum_g / count - normalized * d_scale / count) = a * g + k1 * x + k0.
   k1 = -a * jnp.square(inv_std) * sum_gx / count
   k0 = -a * sum_g / count - k1 * mean
   dx = _kernel('backward_input', jax.ShapeDtypeStruct(x.shape, jnp.float32), x, dy, a, b, k1, k0,
-               **attributes)
+               **_kernel_attributes(kernel_activation))
   return dx, sum_gx * inv_std, sum_g
 
 

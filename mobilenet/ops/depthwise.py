@@ -322,16 +322,26 @@ def input_grad_kernel_call(g, kernel, input_shape, *, strides, pads):
   return _kernel_call('input_grad', input_shape, g, kernel, strides, pads)
 
 
-def activated_filter_grad_kernel_call(inputs, g, in_scale, in_bias, kernel_shape, *, strides,
-                                      pads, input_activation):
-  """The C++ kernel's (k, k, C) filter gradient of depthwise(input_activation(inputs * in_scale +
-  in_bias)) from dL/d(output) `g`, the activated input recomputed from `inputs` as it is read."""
-  out, = calls.kernel_call(
-      'mobilenet_depthwise_activated_filter_grad',
-      [jax.ShapeDtypeStruct(kernel_shape, jnp.float32)], [inputs, g, in_scale, in_bias],
-      batched=(True, True, False, False), combine=calls.psum_combine,
-      **strided_attributes(strides, pads), **activation_attributes('in', input_activation))
-  return out
+def activated_backward_kernel_call(inputs, g, kernel, in_scale, in_bias, mean, *, strides, pads,
+                                   input_activation, input_grad: bool = True):
+  """The backward pass of depthwise(input_activation(inputs * in_scale + in_bias)) with a
+  (k, k, C) `kernel` from dL/d(output) `g`, in one C++ call: (the filter gradient, the gradient
+  at the activated input, and BatchNorm's backward sums over it with the batch `mean`: sum_g =
+  sum of the gradient at the BatchNorm's output, sum_gx = sum of it times (inputs - mean)), the
+  activated input recomputed from `inputs` as it is read. With `input_grad` False, the filter
+  gradient alone (what the call computes before its input gradient and sums)."""
+  channels = jax.ShapeDtypeStruct(kernel.shape[-1:], jnp.float32)
+  none = jax.ShapeDtypeStruct((0,), jnp.float32)
+  d_filter, d_activated, sum_g, sum_gx = calls.kernel_call(
+      'mobilenet_depthwise_activated_backward',
+      [jax.ShapeDtypeStruct(kernel.shape, jnp.float32),
+       jax.ShapeDtypeStruct(inputs.shape if input_grad else (inputs.shape[0], 0), jnp.float32),
+       channels if input_grad else none, channels if input_grad else none],
+      [inputs, g, kernel, in_scale, in_bias, mean],
+      batched=(True, True, False, False, False, False), combine=calls.psum_combine,
+      reduced=(True, False, True, True), **strided_attributes(strides, pads),
+      **activation_attributes('in', input_activation))
+  return (d_filter, d_activated, sum_g, sum_gx) if input_grad else d_filter
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))

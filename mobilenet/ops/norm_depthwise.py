@@ -12,10 +12,11 @@ never exists:
 - forward: the batch statistics of the raw input (one read), then the
   depthwise C++ kernel applies BatchNorm + activation to the raw input as it
   reads it (the input side of the fused-inference kernel);
-- backward: the depthwise input gradient (the gradient at the activated
-  input), the filter gradient with the activated input recomputed from the
-  raw one as it is read (`activated_filter_grad_kernel_call`), then the
-  BatchNorm's own backward kernels on the raw input, as for the layer alone.
+- backward: one kernel (`activated_backward_kernel_call`) reads each image's
+  raw input once for the filter gradient (the activated input recomputed as
+  it is read), the input gradient at the activated input, and the
+  BatchNorm's two backward sums over it; then the BatchNorm's input-gradient
+  kernel, as for the layer alone.
 
 It computes `depthwise_conv(activation(BatchNorm(x)), kernel)` with the batch
 statistics: the same values and gradients up to float32 rounding
@@ -93,12 +94,12 @@ def _train_bwd(settings, residuals, cotangents):
   # The statistics feed only the running averages: their cotangents are ignored.
   _, activation, strides, pads = settings
   x, kernel, a, b, mean, inv_std, scale, bias = residuals
-  g = cotangents[0]
-  d_kernel = depthwise.activated_filter_grad_kernel_call(
-      x, g, a, b, kernel.shape, strides=strides, pads=pads, input_activation=activation)
-  d_activated = depthwise.input_grad_kernel_call(g, kernel, x.shape, strides=strides, pads=pads)
-  dx, d_scale, d_bias = batch_norm.kernel_backward(x, mean, inv_std, scale, bias, d_activated,
-                                                   batch_norm.KERNEL_ACTIVATIONS[activation])
+  d_kernel, d_activated, sum_g, sum_gx = depthwise.activated_backward_kernel_call(
+      x, cotangents[0], kernel, a, b, mean, strides=strides, pads=pads,
+      input_activation=activation)
+  dx, d_scale, d_bias = batch_norm.kernel_backward_from_sums(
+      x, mean, inv_std, scale, bias, d_activated, (sum_g, sum_gx),
+      batch_norm.KERNEL_ACTIVATIONS[activation])
   return dx, d_scale, d_bias, d_kernel
 
 

@@ -49,7 +49,7 @@ def _batch_axes(operands, batched: Sequence[bool]) -> Optional[tuple]:
   return tuple(mesh.axis_names)
 
 
-def _sharded(call, operands, batched, combine: Optional[Combine]):
+def _sharded(call, operands, batched, combine: Optional[Combine], reduced: tuple):
   """`call(*operands)` on each device's shard of the batch (see the module docstring)."""
   axes = _batch_axes(operands, batched)
   if axes is None:
@@ -58,34 +58,43 @@ def _sharded(call, operands, batched, combine: Optional[Combine]):
 
   def local(*shards):
     outputs = call(*shards)
-    return outputs if combine is None else combine(outputs, axes)
+    if combine is None:
+      return outputs
+    combined = iter(combine(tuple(o for o, r in zip(outputs, reduced) if r), axes))
+    return tuple(next(combined) if r else o for o, r in zip(outputs, reduced))
 
-  out_spec = PartitionSpec(axes) if combine is None else PartitionSpec()
   # The outputs of a per-example kernel are split like its batch; a
   # combined reduction is the same on every device.
-  return jax.shard_map(local, in_specs=in_specs, out_specs=out_spec)(*operands)
+  out_specs = tuple(PartitionSpec() if r else PartitionSpec(axes) for r in reduced)
+  return jax.shard_map(local, in_specs=in_specs, out_specs=out_specs)(*operands)
 
 
 def kernel_call(target: str, out_shapes, operands, *, batched: Sequence[bool],
-                combine: Optional[Combine] = None, **attributes):
+                combine: Optional[Combine] = None, reduced: Optional[Sequence[bool]] = None,
+                **attributes):
   """Calls FFI `target` on `operands` -> tuple of outputs, sharded and vmappable.
 
   `batched[i]` says whether operand i has the batch as its axis 0 (activations
   and their gradients; not filters and per-channel vectors). Without
   `combine` the kernel is per-example and every output has the batch as axis
   0; with it the kernel reduces over the batch and `combine` turns the
-  per-shard outputs into the global ones (`psum_combine` for sums).
+  per-shard outputs into the global ones (`psum_combine` for sums). A kernel
+  with outputs of both kinds says which are reductions in `reduced` (all of
+  them by default with `combine`); `combine` gets those alone.
   """
   out_shapes = tuple(out_shapes)
   batched = tuple(batched)
+  reduced = tuple(reduced) if reduced is not None else (combine is not None,) * len(out_shapes)
+  if any(reduced) != (combine is not None) or len(reduced) != len(out_shapes):
+    raise ValueError(f'{target}: `reduced` {reduced} does not fit the outputs and `combine`')
 
   def call(*args):
-    shapes = tuple(_with_batch(shape, args, batched, combine) for shape in out_shapes)
+    shapes = tuple(_with_batch(shape, args, batched, r) for shape, r in zip(out_shapes, reduced))
     return tuple(jax.ffi.ffi_call(target, shapes)(*args, **attributes))
 
   @jax.custom_batching.custom_vmap
   def vmappable(*args):
-    return _sharded(call, args, batched, combine)
+    return _sharded(call, args, batched, combine, reduced)
 
   @vmappable.def_vmap
   def rule(axis_size, in_batched, *args):
@@ -95,7 +104,7 @@ def kernel_call(target: str, out_shapes, operands, *, batched: Sequence[bool],
       merged = [_fold(arg if v else jnp.broadcast_to(arg, (axis_size, *arg.shape))) if b else arg
                 for arg, v, b in zip(args, in_batched, batched)]
       outputs = kernel_call(target, out_shapes, merged,
-                            batched=batched, combine=combine, **attributes)
+                            batched=batched, **attributes)
       outputs = tuple(o.reshape(axis_size, o.shape[0] // axis_size, *o.shape[1:])  # Even if empty.
                       for o in outputs)
     else:
@@ -103,7 +112,7 @@ def kernel_call(target: str, out_shapes, operands, *, batched: Sequence[bool],
         it = iter(mapped)
         element = [next(it) if v else arg for arg, v in zip(args, in_batched)]
         return kernel_call(target, out_shapes, element, batched=batched, combine=combine,
-                           **attributes)
+                           reduced=reduced, **attributes)
       outputs = lax.map(one, [arg for arg, v in zip(args, in_batched) if v])
     return tuple(outputs), (True,) * len(outputs)
 
@@ -115,9 +124,9 @@ def _fold(array):
   return array.reshape(-1, *array.shape[2:])
 
 
-def _with_batch(shape: jax.ShapeDtypeStruct, args, batched, combine):
+def _with_batch(shape: jax.ShapeDtypeStruct, args, batched, reduced: bool):
   """An output shape for the operands actually passed (a shard's batch inside shard_map)."""
-  if combine is not None:
+  if reduced:
     return shape
   batch = next(arg.shape[0] for arg, b in zip(args, batched) if b)
   return jax.ShapeDtypeStruct((batch, *shape.shape[1:]), shape.dtype)

@@ -160,9 +160,15 @@ using mobilenet::kClip;
 using mobilenet::kHardSwish;
 
 // Pointwise(): the same map on any vector width, for an expansion's product (pointwise_tiles.h).
+// Gate(z, d): d * activation'(z), the gradient at z from the gradient d at the activation's
+// output, with batch_norm_cpu.cc's derivatives (those of jax.nn.relu, relu6 and hard_swish).
 struct ClipActivation {
   Vec8 lo, hi;
   Vec8 operator()(Vec8 z) const { return mobilenet::Clip(z, lo, hi); }
+  Vec8 Gate(Vec8 z, Vec8 d) const {
+    const Vec8 zero = {};
+    return (z > lo) & (z < hi) ? d : zero;
+  }
   mobilenet::pointwise::ClipAct Pointwise() const { return {lo[0], hi[0]}; }
 };
 
@@ -170,6 +176,12 @@ struct HardSwishActivation {
   Vec8 operator()(Vec8 z) const {  // z * relu6(z + 3) / 6, as jax.nn.hard_swish.
     const Vec8 zero = {}, six = zero + 6.0f;
     return z * mobilenet::Clip(z + 3.0f, zero, six) * (1.0f / 6.0f);
+  }
+  Vec8 Gate(Vec8 z, Vec8 d) const {  // 0 up to -3, 1 from 3, z / 3 + 1/2 between.
+    const Vec8 zero = {}, one = zero + 1.0f, three = zero + 3.0f;
+    Vec8 slope = z * (1.0f / 3.0f) + 0.5f;
+    slope = z <= -three ? zero : slope;
+    return (z >= three ? one : slope) * d;
   }
   mobilenet::pointwise::HardSwishAct Pointwise() const { return {}; }
 };
@@ -594,98 +606,6 @@ void SeparableInference(ffi::ThreadPool& pool, const Geometry& g, const float* x
   });
 }
 
-// ActivatedFilterGrad (below) on maps no larger than the filter (SmallMap): only the taps that land
-// on the image, and images summed in float32 in groups of about as many products per tap as one
-// 16x16 image has, then in double. (Per image, the band loop's float-to-double sum over all K*K*C
-// taps cost more than the products: a 2x2 map has 4 outputs.)
-template <int K, typename InActivation>
-void ActivatedFilterGradSmallMap(ffi::ThreadPool& pool, const Geometry& g, const float* x,
-                                 const float* dy, const Affine& in, InActivation in_act,
-                                 float* df) {
-  const int64_t taps = K * K * g.c, values = g.h * g.w * g.c;
-  const int64_t group = std::max<int64_t>(1, 256 / (g.oh * g.ow));
-  const int64_t chunks = mobilenet::NumChunks(pool, g.n);
-  std::vector<double> totals(chunks * taps, 0.0);
-  ForImages(pool, g.n, chunks, [&](int64_t lo, int64_t hi, int64_t t) {
-    std::vector<float> activated(values);
-    std::vector<float> sums(taps);
-    double* total = totals.data() + t * taps;
-    for (int64_t n0 = lo; n0 < hi; n0 += group) {
-      std::fill(sums.begin(), sums.end(), 0.0f);
-      for (int64_t n = n0; n < std::min(n0 + group, hi); ++n) {
-        ActivateImage(g, x + n * values, in, in_act, activated.data());
-        for (int64_t i = 0; i < g.oh; ++i) {
-          const auto [a0, a1] = InsideTaps(i, g.sh, g.pt, K, g.h);
-          for (int64_t j = 0; j < g.ow; ++j) {
-            const auto [b0, b1] = InsideTaps(j, g.sw, g.pl, K, g.w);
-            const float* corner =
-                activated.data() + ((i * g.sh - g.pt) * g.w + j * g.sw - g.pl) * g.c;
-            const float* grad = dy + ((n * g.oh + i) * g.ow + j) * g.c;
-            for (int64_t a = a0; a < a1; ++a) {
-              for (int64_t b = b0; b < b1; ++b) {
-                const float* in_row = corner + (a * g.w + b) * g.c;
-                float* sum = sums.data() + (a * K + b) * g.c;
-                for (int64_t cb = 0; cb < g.c; cb += kLanes) {
-                  Store(sum + cb, Load(sum + cb) + Load(in_row + cb) * Load(grad + cb));
-                }
-              }
-            }
-          }
-        }
-      }
-      for (int64_t k = 0; k < taps; ++k) total[k] += sums[k];
-    }
-  });
-  mobilenet::SumChunks(totals, chunks, taps, df);
-}
-
-// The filter gradient of depthwise(in_act(x * in_scale + in_bias)) (ops/norm_depthwise.py): the
-// activated input is recomputed band by band from the raw one, as the forward pass computed it,
-// instead of being kept in memory between the passes. K*K vector accumulators per channel block,
-// float32 per image, double across images, as FilterGradVectorized.
-template <int K, typename InActivation>
-void ActivatedFilterGrad(ffi::ThreadPool& pool, const Geometry& g, const float* x,
-                         const float* dy, const Affine& in, InActivation in_act, float* df) {
-  if (SmallMap(g)) return ActivatedFilterGradSmallMap<K>(pool, g, x, dy, in, in_act, df);
-  const Bands bands = MakeBands<K>(g);
-  const int64_t taps = K * K * g.c;
-  const int64_t chunks = mobilenet::NumChunks(pool, g.n);
-  std::vector<double> totals(chunks * taps, 0.0);
-  ForImages(pool, g.n, chunks, [&](int64_t lo, int64_t hi, int64_t t) {
-    std::vector<float> activated(bands.band_rows * bands.row_values, 0.0f);
-    std::vector<float> image_sums(taps);
-    double* total = totals.data() + t * taps;
-    for (int64_t n = lo; n < hi; ++n) {
-      std::fill(image_sums.begin(), image_sums.end(), 0.0f);
-      const float* image = x + n * g.h * g.w * g.c;
-      for (int64_t first = 0; first < g.oh; first += bands.band_oh) {
-        const int64_t rows_out = std::min(bands.band_oh, g.oh - first);
-        ActivateBand<K>(g, bands, image, in, in_act, first, rows_out, activated.data());
-        for (int64_t cb = 0; cb < g.c; cb += kLanes) {
-          Vec8 acc[K * K];
-          for (int k = 0; k < K * K; ++k) acc[k] = Load(image_sums.data() + k * g.c + cb);
-          for (int64_t i = 0; i < rows_out; ++i) {
-            const float* window_rows = activated.data() + i * g.sh * bands.row_values + cb;
-            const float* grad = dy + ((n * g.oh + first + i) * g.ow) * g.c + cb;
-            for (int64_t j = 0; j < g.ow; ++j) {
-              const Vec8 d = Load(grad + j * g.c);
-              const float* window = window_rows + j * g.sw * g.c;
-              for (int a = 0; a < K; ++a) {
-                for (int b = 0; b < K; ++b) {
-                  acc[a * K + b] += Load(window + a * bands.row_values + b * g.c) * d;
-                }
-              }
-            }
-          }
-          for (int k = 0; k < K * K; ++k) Store(image_sums.data() + k * g.c + cb, acc[k]);
-        }
-      }
-      for (int64_t k = 0; k < taps; ++k) total[k] += image_sums[k];
-    }
-  });
-  mobilenet::SumChunks(totals, chunks, taps, df);
-}
-
 // Input gradient at stride 1, K x K: the forward correlation of dy with the
 // filter flipped in both axes and the padding mirrored (K - 1 - pad).
 bool InputGradAsForward(const Geometry& g) {
@@ -695,28 +615,6 @@ bool InputGradAsForward(const Geometry& g) {
   const Geometry transposed{g.n, g.oh, g.ow, g.c, g.kh, g.kw, g.h, g.w, 1, 1, g.kh - 1 - g.pt,
                             g.kw - 1 - g.pl};
   return Vectorized(transposed) || SmallMap(transposed);
-}
-
-// A gradient map (dy) no larger than the filter goes through SmallMapImage, only the taps that
-// land on it (the band loop refuses such maps, see Vectorized; the general loop ran them before).
-template <int K>
-void InputGradVectorized(ffi::ThreadPool& pool, const Geometry& g, const float* dy, const float* f,
-                         float* dx) {
-  constexpr int64_t kTaps = K * K;
-  std::vector<float> flipped(kTaps * g.c);
-  for (int64_t k = 0; k < kTaps; ++k) {
-    std::copy(f + (kTaps - 1 - k) * g.c, f + (kTaps - k) * g.c, flipped.data() + k * g.c);
-  }
-  Geometry transposed{g.n, g.oh, g.ow, g.c, K, K, g.h, g.w, 1, 1, K - 1 - g.pt, K - 1 - g.pl};
-  if (SmallMap(transposed)) {
-    return ForImages(pool, g.n, mobilenet::NumChunks(pool, g.n), [&](int64_t lo, int64_t hi, int64_t) {
-      for (int64_t n = lo; n < hi; ++n) {
-        SmallMapImage<K>(transposed, dy + n * g.oh * g.ow * g.c, flipped.data(),
-                         dx + n * g.h * g.w * g.c, [](Vec8 sum, int64_t) { return sum; });
-      }
-    });
-  }
-  ForwardVectorized<K>(pool, transposed, dy, flipped.data(), dx);
 }
 
 // The taps of one input line (row or column) r of a strided layer: the
@@ -742,42 +640,315 @@ std::vector<LineTaps> TapsPerLine(int64_t size, int64_t out_size, int64_t stride
   return lines;
 }
 
-// Input gradient at stride > 1, 3x3 or 5x5, channels a multiple of 8:
-// gathered, one input pixel at a time, from the gradient pixels that read it
-// (1 to 4 for 3x3 at stride 2), channels innermost while the pixel is in L1,
-// and written once. The general loop below scatters every gradient pixel into
-// K*K input pixels with a read-modify-write each and took 1.5-3x as long
-// (docs/performance.md, thirteenth round).
-void InputGradStrided(ffi::ThreadPool& pool, const Geometry& g, const float* dy, const float* f,
-                      float* dx) {
-  const std::vector<LineTaps> rows = TapsPerLine(g.h, g.oh, g.sh, g.pt, g.kh);
-  const std::vector<LineTaps> cols = TapsPerLine(g.w, g.ow, g.sw, g.pl, g.kw);
-  ForImages(pool, g.n, mobilenet::NumChunks(pool, g.n), [&](int64_t lo, int64_t hi, int64_t) {
-    for (int64_t n = lo; n < hi; ++n) {
-      for (int64_t r = 0; r < g.h; ++r) {
-        const LineTaps& row = rows[r];
-        float* out = dx + (n * g.h + r) * g.w * g.c;
-        for (int64_t q = 0; q < g.w; ++q) {
-          const LineTaps& col = cols[q];
-          float* pixel = out + q * g.c;
-          bool first = true;  // The first gradient pixel writes, the others add.
-          for (int64_t u = 0; u < row.count; ++u) {
-            const float* grad_row = dy + (n * g.oh + row.line[u]) * g.ow * g.c;
-            const float* tap_row = f + row.tap[u] * g.kw * g.c;
-            for (int64_t v = 0; v < col.count; ++v, first = false) {
-              const float* grad = grad_row + col.line[v] * g.c;
-              const float* taps = tap_row + col.tap[v] * g.c;
-              for (int64_t cb = 0; cb < g.c; cb += kLanes) {
-                const Vec8 term = Load(grad + cb) * Load(taps + cb);
-                Store(pixel + cb, first ? term : Load(pixel + cb) + term);
-              }
+// How one image's input gradient is computed, decided once per call:
+// - kAsForward: stride 1, the forward band loop over dy with the flipped filter (InputGradAsForward);
+//   a gradient map no larger than the filter goes through SmallMapImage, only the taps that land
+//   on it (the band loop refuses such maps, see Vectorized);
+// - kStrided: stride > 1, 3x3 or 5x5, channels a multiple of 8: gathered, one input pixel at a
+//   time, from the gradient pixels that read it (1 to 4 for 3x3 at stride 2), channels innermost
+//   while the pixel is in L1, and written once. The general loop scatters every gradient pixel
+//   into K*K input pixels with a read-modify-write each and took 1.5-3x as long
+//   (docs/performance.md, thirteenth round);
+// - kGeneral: any other shape.
+struct InputGradPlan {
+  enum Mode { kAsForward, kStrided, kGeneral };
+  Mode mode;
+  Geometry g;
+  const float* f;
+  Geometry transposed;              // kAsForward: dy's correlation with `flipped`.
+  Columns interior;                 // kAsForward: its interior columns.
+  std::vector<float> flipped;       // kAsForward: f flipped in both axes.
+  std::vector<float> zeros;         // kAsForward: a row of zeros of dy's width.
+  std::vector<LineTaps> rows, cols; // kStrided.
+};
+
+InputGradPlan PlanInputGrad(const Geometry& g, const float* f) {
+  InputGradPlan plan{InputGradPlan::kGeneral, g, f};
+  if (InputGradAsForward(g)) {
+    plan.mode = InputGradPlan::kAsForward;
+    const int64_t taps = g.kh * g.kw;
+    plan.flipped.resize(taps * g.c);
+    for (int64_t k = 0; k < taps; ++k) {
+      std::copy(f + (taps - 1 - k) * g.c, f + (taps - k) * g.c, plan.flipped.data() + k * g.c);
+    }
+    plan.transposed = Geometry{g.n, g.oh, g.ow, g.c, g.kh, g.kw, g.h, g.w, 1, 1, g.kh - 1 - g.pt,
+                               g.kw - 1 - g.pl};
+    plan.interior = InteriorColumns(g.ow, g.w, 1, plan.transposed.pl, g.kw);
+    plan.zeros.assign(g.ow * g.c, 0.0f);
+  } else if (VectorizedShape(g) && (g.sh > 1 || g.sw > 1)) {
+    plan.mode = InputGradPlan::kStrided;
+    plan.rows = TapsPerLine(g.h, g.oh, g.sh, g.pt, g.kh);
+    plan.cols = TapsPerLine(g.w, g.ow, g.sw, g.pl, g.kw);
+  }
+  return plan;
+}
+
+// Rows [r0, r1) of one image's input gradient: dx[r,q,c] = sum over the (i,j,a,b) that read
+// (r,q) of dy[i,j,c] * f[a,b,c], every value of those rows written (dy and dx point at the
+// image). The general loop scatters, and writes the whole image whatever the rows.
+void InputGradRows(const InputGradPlan& p, const float* dy, float* dx, int64_t r0, int64_t r1) {
+  const Geometry& g = p.g;
+  if (p.mode == InputGradPlan::kAsForward) {
+    return WithFilterSize(g, [&](auto k) {
+      constexpr int K = decltype(k)::value;
+      const auto same = [](Vec8 sum, int64_t) { return sum; };
+      if (SmallMap(p.transposed)) return SmallMapImage<K>(p.transposed, dy, p.flipped.data(), dx, same);
+      Geometry rows = p.transposed;  // Its output rows [r0, r1): the input gradient's.
+      rows.oh = r1 - r0;
+      rows.pt -= r0;
+      ForwardImage<K>(rows, p.interior, dy, p.zeros.data(), p.flipped.data(),
+                      dx + r0 * g.w * g.c, same);
+    });
+  }
+  if (p.mode == InputGradPlan::kStrided) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const LineTaps& row = p.rows[r];
+      float* out = dx + r * g.w * g.c;
+      for (int64_t q = 0; q < g.w; ++q) {
+        const LineTaps& col = p.cols[q];
+        float* pixel = out + q * g.c;
+        bool first = true;  // The first gradient pixel writes, the others add.
+        for (int64_t u = 0; u < row.count; ++u) {
+          const float* grad_row = dy + row.line[u] * g.ow * g.c;
+          const float* tap_row = p.f + row.tap[u] * g.kw * g.c;
+          for (int64_t v = 0; v < col.count; ++v, first = false) {
+            const float* grad = grad_row + col.line[v] * g.c;
+            const float* taps = tap_row + col.tap[v] * g.c;
+            for (int64_t cb = 0; cb < g.c; cb += kLanes) {
+              const Vec8 term = Load(grad + cb) * Load(taps + cb);
+              Store(pixel + cb, first ? term : Load(pixel + cb) + term);
             }
           }
-          if (first) std::fill(pixel, pixel + g.c, 0.0f);  // No gradient pixel reads it.
+        }
+        if (first) std::fill(pixel, pixel + g.c, 0.0f);  // No gradient pixel reads it.
+      }
+    }
+    return;
+  }
+  std::memset(dx, 0, sizeof(float) * g.h * g.w * g.c);
+  for (int64_t i = 0; i < g.oh; ++i) {
+    for (int64_t j = 0; j < g.ow; ++j) {
+      const float* grad = dy + (i * g.ow + j) * g.c;
+      for (int64_t a = 0; a < g.kh; ++a) {
+        int64_t r = i * g.sh + a - g.pt;
+        if (r < 0 || r >= g.h) continue;
+        for (int64_t b = 0; b < g.kw; ++b) {
+          int64_t q = j * g.sw + b - g.pl;
+          if (q < 0 || q >= g.w) continue;
+          float* out = dx + (r * g.w + q) * g.c;
+          const float* tap = p.f + (a * g.kw + b) * g.c;
+          for (int64_t c = 0; c < g.c; ++c) out[c] += grad[c] * tap[c];
         }
       }
     }
+  }
+}
+
+// Whether InputGradRows computes any rows asked for, not the whole image.
+bool InputGradByRows(const InputGradPlan& p) {
+  return p.mode == InputGradPlan::kStrided ||
+         (p.mode == InputGradPlan::kAsForward && !SmallMap(p.transposed));
+}
+
+// dx[n,r,q,c] = sum over the (i,j,a,b) that read (r,q) of dy[n,i,j,c] * f[a,b,c].
+void InputGrad(ffi::ThreadPool& pool, const Geometry& g, const float* dy, const float* f,
+               float* dx) {
+  const InputGradPlan plan = PlanInputGrad(g, f);
+  ForImages(pool, g.n, mobilenet::NumChunks(pool, g.n), [&](int64_t lo, int64_t hi, int64_t) {
+    for (int64_t n = lo; n < hi; ++n) {
+      InputGradRows(plan, dy + n * g.oh * g.ow * g.c, dx + n * g.h * g.w * g.c, 0, g.h);
+    }
   });
+}
+
+// The backward pass of depthwise(in_act(x * in_scale + in_bias)) with batch statistics
+// (ops/norm_depthwise.py), in one pass over each image's bands of rows:
+// - `df`, the filter gradient: the activated input recomputed band by band from the raw one, as
+//   the forward pass computed it, instead of being kept in memory between the passes;
+// - with `backward` (else only df): the input gradient at the activated input, `d_activated`,
+//   of the rows each band completes, and BatchNorm's two backward sums over those rows, sum_g =
+//   sum of d_activated * in_act'(z) and sum_gx = sum of d_activated * in_act'(z) * (x - mean),
+//   z = x * in_scale + in_bias, while the band's raw rows and the rows just written are in L2.
+//   The input-gradient and backward-sums kernels called one after the other read dy, x and
+//   d_activated from memory again (docs/performance.md, sixteenth round, times both).
+// Sums in float32 per image (the filter gradient) or band (the BatchNorm sums), in double across.
+struct NormBackward {
+  const float* mean;  // (C): the batch mean the statistics were taken with.
+  float* d_activated; // (N, H, W, C).
+  float* sum_g;       // (C).
+  float* sum_gx;      // (C).
+};
+
+// Adds the BatchNorm backward sums of `pixels` consecutive pixels of x and d_activated into the
+// per-channel sums: float32 over the pixels, then double. Taken in tiles of pixels that stay in
+// L1 while each block of 8 channels goes over them (channel blocks over a whole band, outermost,
+// re-read it from L3: the band, its activated copy and its gradient overflow L2).
+template <typename InActivation>
+void AddNormSums(int64_t c, const float* x, const float* d_activated, int64_t pixels,
+                 const Affine& in, InActivation in_act, const float* mean, double* sum_g,
+                 double* sum_gx) {
+  constexpr int64_t kTileValues = 2048;  // x's and d_activated's: 16 KB.
+  const int64_t tile = std::max<int64_t>(1, kTileValues / c);
+  std::vector<float> sums(2 * c, 0.0f);
+  float* s_g = sums.data();
+  float* s_gx = s_g + c;
+  for (int64_t p0 = 0; p0 < pixels; p0 += tile) {
+    const int64_t end = std::min(pixels, p0 + tile) * c;
+    for (int64_t cb = 0; cb < c; cb += kLanes) {
+      const Vec8 scale = Load(in.scale + cb), bias = Load(in.bias + cb), m = Load(mean + cb);
+      Vec8 g_sum = Load(s_g + cb), gx_sum = Load(s_gx + cb);
+      for (int64_t p = p0 * c; p < end; p += c) {
+        const Vec8 v = Load(x + p + cb);
+        const Vec8 gated = in_act.Gate(v * scale + bias, Load(d_activated + p + cb));
+        g_sum += gated;
+        gx_sum += gated * (v - m);
+      }
+      Store(s_g + cb, g_sum);
+      Store(s_gx + cb, gx_sum);
+    }
+  }
+  for (int64_t k = 0; k < c; ++k) {
+    sum_g[k] += s_g[k];
+    sum_gx[k] += s_gx[k];
+  }
+}
+
+// ActivatedBackward (below) on maps no larger than the filter (SmallMap): only the taps that land
+// on the image, and images summed in float32 in groups of about as many products per tap as one
+// 16x16 image has, then in double. (Per image, the band loop's float-to-double sum over all K*K*C
+// taps cost more than the products: a 2x2 map has 4 outputs.)
+template <int K, typename InActivation>
+void ActivatedBackwardSmallMap(ffi::ThreadPool& pool, const Geometry& g, const float* x,
+                               const float* dy, const float* f, const Affine& in,
+                               InActivation in_act, float* df, const NormBackward* backward) {
+  const int64_t taps = K * K * g.c, values = g.h * g.w * g.c;
+  const int64_t group = std::max<int64_t>(1, 256 / (g.oh * g.ow));
+  const int64_t chunks = mobilenet::NumChunks(pool, g.n);
+  const std::optional<InputGradPlan> plan =
+      backward ? std::optional<InputGradPlan>(PlanInputGrad(g, f)) : std::nullopt;
+  std::vector<double> totals(chunks * taps, 0.0), norm_sums(chunks * 2 * g.c, 0.0);
+  ForImages(pool, g.n, chunks, [&](int64_t lo, int64_t hi, int64_t t) {
+    std::vector<float> activated(values);
+    std::vector<float> sums(taps);
+    double* total = totals.data() + t * taps;
+    for (int64_t n0 = lo; n0 < hi; n0 += group) {
+      std::fill(sums.begin(), sums.end(), 0.0f);
+      for (int64_t n = n0; n < std::min(n0 + group, hi); ++n) {
+        const float* image = x + n * values;
+        if (backward) {
+          float* d_image = backward->d_activated + n * values;
+          InputGradRows(*plan, dy + n * g.oh * g.ow * g.c, d_image, 0, g.h);
+          double* norm = norm_sums.data() + t * 2 * g.c;
+          AddNormSums(g.c, image, d_image, g.h * g.w, in, in_act, backward->mean, norm, norm + g.c);
+        }
+        ActivateImage(g, image, in, in_act, activated.data());
+        for (int64_t i = 0; i < g.oh; ++i) {
+          const auto [a0, a1] = InsideTaps(i, g.sh, g.pt, K, g.h);
+          for (int64_t j = 0; j < g.ow; ++j) {
+            const auto [b0, b1] = InsideTaps(j, g.sw, g.pl, K, g.w);
+            const float* corner =
+                activated.data() + ((i * g.sh - g.pt) * g.w + j * g.sw - g.pl) * g.c;
+            const float* grad = dy + ((n * g.oh + i) * g.ow + j) * g.c;
+            for (int64_t a = a0; a < a1; ++a) {
+              for (int64_t b = b0; b < b1; ++b) {
+                const float* in_row = corner + (a * g.w + b) * g.c;
+                float* sum = sums.data() + (a * K + b) * g.c;
+                for (int64_t cb = 0; cb < g.c; cb += kLanes) {
+                  Store(sum + cb, Load(sum + cb) + Load(in_row + cb) * Load(grad + cb));
+                }
+              }
+            }
+          }
+        }
+      }
+      for (int64_t k = 0; k < taps; ++k) total[k] += sums[k];
+    }
+  });
+  mobilenet::SumChunks(totals, chunks, taps, df);
+  if (backward) {
+    std::vector<float> both(2 * g.c);
+    mobilenet::SumChunks(norm_sums, chunks, 2 * g.c, both.data());
+    std::copy(both.begin(), both.begin() + g.c, backward->sum_g);
+    std::copy(both.begin() + g.c, both.end(), backward->sum_gx);
+  }
+}
+
+// K*K vector accumulators per channel block for the filter gradient, float32 per image, double
+// across images, as FilterGradVectorized. A band's raw rows, their activated copy, its gradient
+// rows and the input gradient's rows must all stay in L2 between the steps: the band is a
+// quarter of InferenceForward's (docs/performance.md, sixteenth round).
+constexpr int64_t kBackwardBandBytes = 128 * 1024;
+
+template <int K, typename InActivation>
+void ActivatedBackward(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* dy,
+                       const float* f, const Affine& in, InActivation in_act, float* df,
+                       const NormBackward* backward) {
+  if (SmallMap(g)) return ActivatedBackwardSmallMap<K>(pool, g, x, dy, f, in, in_act, df, backward);
+  const Bands bands = MakeBands<K>(g, kBackwardBandBytes);
+  const int64_t taps = K * K * g.c, values = g.h * g.w * g.c;
+  const int64_t chunks = mobilenet::NumChunks(pool, g.n);
+  const std::optional<InputGradPlan> plan =
+      backward ? std::optional<InputGradPlan>(PlanInputGrad(g, f)) : std::nullopt;
+  const bool by_rows = plan && InputGradByRows(*plan);
+  std::vector<double> totals(chunks * taps, 0.0), norm_sums(chunks * 2 * g.c, 0.0);
+  ForImages(pool, g.n, chunks, [&](int64_t lo, int64_t hi, int64_t t) {
+    std::vector<float> activated(bands.band_rows * bands.row_values, 0.0f);
+    std::vector<float> image_sums(taps);
+    double* total = totals.data() + t * taps;
+    double* norm = norm_sums.data() + t * 2 * g.c;
+    for (int64_t n = lo; n < hi; ++n) {
+      std::fill(image_sums.begin(), image_sums.end(), 0.0f);
+      const float* image = x + n * values;
+      float* d_image = backward ? backward->d_activated + n * values : nullptr;
+      const float* grad_image = dy + n * g.oh * g.ow * g.c;
+      if (backward && !by_rows) InputGradRows(*plan, grad_image, d_image, 0, g.h);
+      int64_t done = 0;  // The image rows whose input gradient and BatchNorm sums are taken.
+      for (int64_t first = 0; first < g.oh; first += bands.band_oh) {
+        const int64_t rows_out = std::min(bands.band_oh, g.oh - first);
+        ActivateBand<K>(g, bands, image, in, in_act, first, rows_out, activated.data());
+        if (backward) {
+          // The rows no later output row reads (their input gradient is whole), all of them
+          // read by this band or the one before: their input gradient, then their sums, while
+          // the raw rows and the gradient just written are in cache. A row no output reads
+          // has no gradient and adds nothing.
+          const int64_t last = first + rows_out == g.oh
+                                   ? g.h : std::min(g.h, (first + rows_out) * g.sh - g.pt);
+          if (last > done) {
+            if (by_rows) InputGradRows(*plan, grad_image, d_image, done, last);
+            AddNormSums(g.c, image + done * g.w * g.c, d_image + done * g.w * g.c,
+                        (last - done) * g.w, in, in_act, backward->mean, norm, norm + g.c);
+            done = last;
+          }
+        }
+        for (int64_t cb = 0; cb < g.c; cb += kLanes) {
+          Vec8 acc[K * K];
+          for (int k = 0; k < K * K; ++k) acc[k] = Load(image_sums.data() + k * g.c + cb);
+          for (int64_t i = 0; i < rows_out; ++i) {
+            const float* window_rows = activated.data() + i * g.sh * bands.row_values + cb;
+            const float* grad = dy + ((n * g.oh + first + i) * g.ow) * g.c + cb;
+            for (int64_t j = 0; j < g.ow; ++j) {
+              const Vec8 d = Load(grad + j * g.c);
+              const float* window = window_rows + j * g.sw * g.c;
+              for (int a = 0; a < K; ++a) {
+                for (int b = 0; b < K; ++b) {
+                  acc[a * K + b] += Load(window + a * bands.row_values + b * g.c) * d;
+                }
+              }
+            }
+          }
+          for (int k = 0; k < K * K; ++k) Store(image_sums.data() + k * g.c + cb, acc[k]);
+        }
+      }
+      for (int64_t k = 0; k < taps; ++k) total[k] += image_sums[k];
+    }
+  });
+  mobilenet::SumChunks(totals, chunks, taps, df);
+  if (backward) {
+    std::vector<float> both(2 * g.c);
+    mobilenet::SumChunks(norm_sums, chunks, 2 * g.c, both.data());
+    std::copy(both.begin(), both.begin() + g.c, backward->sum_g);
+    std::copy(both.begin() + g.c, both.end(), backward->sum_gx);
+  }
 }
 
 // Filter gradient, K x K, channels a multiple of 8: K*K vector accumulators
@@ -839,36 +1010,6 @@ void Forward(ffi::ThreadPool& pool, const Geometry& g, const float* x, const flo
               const float* in = x + ((n * g.h + r) * g.w + q) * g.c;
               const float* tap = f + (a * g.kw + b) * g.c;
               for (int64_t c = 0; c < g.c; ++c) out[c] += in[c] * tap[c];
-            }
-          }
-        }
-      }
-    }
-  });
-}
-
-// dx[n,r,q,c] = sum over the (i,j,a,b) that read (r,q) of dy[n,i,j,c] * f[a,b,c].
-void InputGrad(ffi::ThreadPool& pool, const Geometry& g, const float* dy, const float* f,
-               float* dx) {
-  if (InputGradAsForward(g)) {
-    return WithFilterSize(g, [&](auto k) { InputGradVectorized<decltype(k)::value>(pool, g, dy, f, dx); });
-  }
-  if (VectorizedShape(g) && (g.sh > 1 || g.sw > 1)) return InputGradStrided(pool, g, dy, f, dx);
-  ForImages(pool, g.n, mobilenet::NumChunks(pool, g.n), [&](int64_t lo, int64_t hi, int64_t) {
-    std::memset(dx + lo * g.h * g.w * g.c, 0, sizeof(float) * (hi - lo) * g.h * g.w * g.c);
-    for (int64_t n = lo; n < hi; ++n) {
-      for (int64_t i = 0; i < g.oh; ++i) {
-        for (int64_t j = 0; j < g.ow; ++j) {
-          const float* grad = dy + ((n * g.oh + i) * g.ow + j) * g.c;
-          for (int64_t a = 0; a < g.kh; ++a) {
-            int64_t r = i * g.sh + a - g.pt;
-            if (r < 0 || r >= g.h) continue;
-            for (int64_t b = 0; b < g.kw; ++b) {
-              int64_t q = j * g.sw + b - g.pl;
-              if (q < 0 || q >= g.w) continue;
-              float* out = dx + ((n * g.h + r) * g.w + q) * g.c;
-              const float* tap = f + (a * g.kw + b) * g.c;
-              for (int64_t c = 0; c < g.c; ++c) out[c] += grad[c] * tap[c];
             }
           }
         }
@@ -1046,19 +1187,30 @@ ffi::Error SeparableInferenceImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
-ffi::Error ActivatedFilterGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                                   ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> in_scale,
-                                   ffi::Buffer<ffi::F32> in_bias, ffi::ResultBuffer<ffi::F32> df,
-                                   int64_t sh, int64_t sw, int64_t pt, int64_t pl, int32_t in_kind,
-                                   float in_lo, float in_hi) {
+// x: (N, H, W, C); dy: (N, OH, OW, C); f: (K, K, C); in_scale, in_bias, mean: (C); df: (K, K, C);
+// d_activated: (N, H, W, C), sum_g and sum_gx: (C), or all three empty for the filter gradient
+// alone.
+ffi::Error ActivatedBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                 ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> f,
+                                 ffi::Buffer<ffi::F32> in_scale, ffi::Buffer<ffi::F32> in_bias,
+                                 ffi::Buffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> df,
+                                 ffi::ResultBuffer<ffi::F32> d_activated,
+                                 ffi::ResultBuffer<ffi::F32> sum_g,
+                                 ffi::ResultBuffer<ffi::F32> sum_gx, int64_t sh, int64_t sw,
+                                 int64_t pt, int64_t pl, int32_t in_kind, float in_lo,
+                                 float in_hi) {
   Geometry g = MakeGeometry(x.dimensions(), df->dimensions(), dy.dimensions(), sh, sw, pt, pl);
   ffi::Error error = CheckFused(g, {in_kind});
   if (error.failure()) return error;
   const Affine in{in_scale.typed_data(), in_bias.typed_data(), in_kind, in_lo, in_hi};
+  const NormBackward backward{mean.typed_data(), d_activated->typed_data(), sum_g->typed_data(),
+                              sum_gx->typed_data()};
+  const bool with_backward = d_activated->element_count() != 0;
   WithFilterSize(g, [&](auto k) {
     WithActivation(in, [&](auto in_act) {
-      ActivatedFilterGrad<decltype(k)::value>(pool, g, x.typed_data(), dy.typed_data(), in, in_act,
-                                              df->typed_data());
+      ActivatedBackward<decltype(k)::value>(pool, g, x.typed_data(), dy.typed_data(),
+                                            f.typed_data(), in, in_act, df->typed_data(),
+                                            with_backward ? &backward : nullptr);
     });
   });
   return ffi::Error::Success();
@@ -1154,14 +1306,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeparableInferenceForward, SeparableInferenceImpl,
                                   .Attr<int64_t>("stem_ow")
                                   .Attr<int64_t>("residual_from_input"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseActivatedFilterGrad, ActivatedFilterGradImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseActivatedBackward, ActivatedBackwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // f
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // in_scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // in_bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // mean
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // df
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_activated
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // sum_g
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // sum_gx
                                   .Attr<int64_t>("sh")
                                   .Attr<int64_t>("sw")
                                   .Attr<int64_t>("pt")

@@ -44,7 +44,7 @@ TARGETS = {
     'mobilenet_depthwise_input_grad': 'DepthwiseInputGrad',
     'mobilenet_depthwise_filter_grad': 'DepthwiseFilterGrad',
     'mobilenet_depthwise_inference': 'DepthwiseInferenceForward',
-    'mobilenet_depthwise_activated_filter_grad': 'DepthwiseActivatedFilterGrad',
+    'mobilenet_depthwise_activated_backward': 'DepthwiseActivatedBackward',
     'mobilenet_separable_inference': 'SeparableInferenceForward',
     'mobilenet_batch_norm_stats': 'BatchNormStats',
     'mobilenet_batch_norm_apply': 'BatchNormApply',
