@@ -1,4 +1,5 @@
-"""Times the fused depthwise kernels' calls (forward, filter and input gradients) per layer shape.
+"""Times the fused depthwise kernels' calls (forward, filter and input gradients, the backward as one
+call and as the three it replaces, in turn) per layer shape.
 
   python3 scripts/benchmark_depthwise_kernels.py
   python3 scripts/benchmark_depthwise_kernels.py --layers=16x112x112x16k3s2 --json
