@@ -76,9 +76,12 @@ def test_fused_training_matches_the_two_layers(size, channels, activation, spati
 
 
 @needs_kernels
-@pytest.mark.parametrize('size,strides,spatial', [(3, 1, (9, 8)), (3, 2, (9, 8)), (5, 2, (4, 4)),
-                                                  (3, 1, (2, 2)), (3, 2, (70, 64))])
-def test_the_backward_call_equals_the_three_calls_it_replaces(size, strides, spatial):
+@pytest.mark.parametrize('size,strides,spatial,padding', [
+    (3, 1, (9, 8), 'SAME'), (3, 2, (9, 8), 'SAME'), (5, 2, (4, 4), 'SAME'), (3, 1, (2, 2), 'SAME'),
+    (3, 2, (70, 64), 'SAME'),  # Several bands per image.
+    # Rows and columns no output reads (their input gradient is zero), and no padding at all.
+    (3, 2, (10, 11), 'VALID'), (5, 1, (9, 9), 'VALID'), (3, 2, (70, 65), 'VALID')])
+def test_the_backward_call_equals_the_three_calls_it_replaces(size, strides, spatial, padding):
   """One call's filter gradient, input gradient and BatchNorm sums against the filter gradient
   alone, the input-gradient kernel and the BatchNorm's backward-sums kernel."""
   rng = np.random.default_rng(7)
@@ -89,7 +92,7 @@ def test_the_backward_call_equals_the_three_calls_it_replaces(size, strides, spa
   b = jnp.asarray(rng.normal(0.0, 0.5, channels), jnp.float32)
   mean = jnp.mean(x, axis=(0, 1, 2))
   s = (strides, strides)
-  pads = depthwise.explicit_padding(spatial, (size, size), s, 'SAME')
+  pads = depthwise.explicit_padding(spatial, (size, size), s, padding)
   out_shape = jax.eval_shape(lambda x: depthwise.inference_kernel_call(
       x, kernel, a, b, a, b, strides=s, pads=pads, input_activation=jax.nn.hard_swish,
       output_activation=batch_norm.identity), x).shape
