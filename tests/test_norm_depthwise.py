@@ -76,14 +76,21 @@ def test_fused_training_matches_the_two_layers(size, channels, activation, spati
 
 
 @needs_kernels
-@pytest.mark.parametrize('size,strides,spatial,padding', [
-    (3, 1, (9, 8), 'SAME'), (3, 2, (9, 8), 'SAME'), (5, 2, (4, 4), 'SAME'), (3, 1, (2, 2), 'SAME'),
-    (3, 2, (70, 64), 'SAME'),  # Several bands per image.
-    # Rows and columns no output reads (their input gradient is zero), and no padding at all.
-    (3, 2, (10, 11), 'VALID'), (5, 1, (9, 9), 'VALID'), (3, 2, (70, 65), 'VALID')])
-def test_the_backward_call_equals_the_three_calls_it_replaces(size, strides, spatial, padding):
-  """One call's filter gradient, input gradient and BatchNorm sums against the filter gradient
-  alone, the input-gradient kernel and the BatchNorm's backward-sums kernel."""
+@pytest.mark.parametrize('size,strides,spatial,padding,activation', [
+    (3, 1, (9, 8), 'SAME', jax.nn.hard_swish), (3, 2, (9, 8), 'SAME', jax.nn.relu6),
+    (5, 2, (4, 4), 'SAME', jax.nn.hard_swish), (3, 1, (2, 2), 'SAME', jax.nn.relu6),
+    # Several bands per image, at stride 2 and at stride 1 (the input gradient by row ranges).
+    (3, 2, (70, 64), 'SAME', jax.nn.hard_swish), (3, 1, (70, 64), 'SAME', jax.nn.relu),
+    (5, 1, (67, 40), 'SAME', jax.nn.hard_swish),
+    # No padding: the last row and column of a 10x10 map at stride 2 are read by no output, and
+    # their input gradient is zero.
+    (3, 2, (10, 10), 'VALID', jax.nn.relu6), (5, 1, (9, 9), 'VALID', jax.nn.hard_swish),
+    (3, 2, (70, 65), 'VALID', jax.nn.relu)])
+def test_the_backward_call_matches_xla_and_the_three_calls_it_replaces(size, strides, spatial,
+                                                                        padding, activation):
+  """One call's filter gradient, input gradient and BatchNorm sums against XLA's convolution VJP
+  and BatchNorm formula, and against the filter gradient alone, the input-gradient kernel and the
+  BatchNorm's backward-sums kernel."""
   rng = np.random.default_rng(7)
   channels = 16
   x = jnp.asarray(rng.normal(0.5, 2.0, size=(3, *spatial, channels)), jnp.float32)
@@ -93,21 +100,36 @@ def test_the_backward_call_equals_the_three_calls_it_replaces(size, strides, spa
   mean = jnp.mean(x, axis=(0, 1, 2))
   s = (strides, strides)
   pads = depthwise.explicit_padding(spatial, (size, size), s, padding)
-  out_shape = jax.eval_shape(lambda x: depthwise.inference_kernel_call(
-      x, kernel, a, b, a, b, strides=s, pads=pads, input_activation=jax.nn.hard_swish,
-      output_activation=batch_norm.identity), x).shape
-  g = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+  activated = activation(x * a + b)
+  y, conv_vjp = jax.vjp(lambda inputs, w: depthwise.depthwise_conv_xla(
+      inputs, w[:, :, None], s, pads), activated, kernel)
+  g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+  want_activated, want_filter = conv_vjp(g)
+  gated = jax.vjp(activation, x * a + b)[1](want_activated)[0]
+  want_sums = (jnp.sum(gated, axis=(0, 1, 2)), jnp.sum(gated * (x - mean), axis=(0, 1, 2)))
+
   d_filter, d_activated, sum_g, sum_gx = depthwise.activated_backward_kernel_call(
-      x, g, kernel, a, b, mean, strides=s, pads=pads, input_activation=jax.nn.hard_swish)
+      x, g, kernel, a, b, mean, strides=s, pads=pads, input_activation=activation)
+  scaled = lambda want: 1e-4 * float(jnp.max(jnp.abs(want)))
+  np.testing.assert_allclose(d_activated, want_activated, rtol=1e-4, atol=scaled(want_activated))
+  np.testing.assert_allclose(d_filter, want_filter, rtol=1e-4, atol=scaled(want_filter))
+  for have, want in zip((sum_g, sum_gx), want_sums):
+    np.testing.assert_allclose(have, want, rtol=1e-4, atol=scaled(want))
+  if padding == 'VALID':  # The rows and columns past the last window have no gradient.
+    unread_rows = spatial[0] - ((y.shape[1] - 1) * strides + size)
+    unread_columns = spatial[1] - ((y.shape[2] - 1) * strides + size)
+    assert not np.any(np.asarray(d_activated)[:, spatial[0] - unread_rows:])
+    assert not np.any(np.asarray(d_activated)[:, :, spatial[1] - unread_columns:])
+
   np.testing.assert_array_equal(d_filter, depthwise.activated_backward_kernel_call(
-      x, g, kernel, a, b, mean, strides=s, pads=pads, input_activation=jax.nn.hard_swish,
+      x, g, kernel, a, b, mean, strides=s, pads=pads, input_activation=activation,
       input_grad=False))
   np.testing.assert_array_equal(
       d_activated, depthwise.input_grad_kernel_call(g, kernel, x.shape, strides=s, pads=pads))
-  want = batch_norm.kernel_backward_sums(x, d_activated, a, b, mean,
-                                         batch_norm.KERNEL_ACTIVATIONS[jax.nn.hard_swish])
-  for have, w in zip((sum_g, sum_gx), want):
-    np.testing.assert_allclose(have, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))))
+  three_calls = batch_norm.kernel_backward_sums(x, d_activated, a, b, mean,
+                                                batch_norm.KERNEL_ACTIVATIONS[activation])
+  for have, want in zip((sum_g, sum_gx), three_calls):
+    np.testing.assert_allclose(have, want, rtol=1e-4, atol=scaled(want))
 
 
 @needs_kernels

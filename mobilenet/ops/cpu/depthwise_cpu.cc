@@ -771,7 +771,8 @@ void InputGrad(ffi::ThreadPool& pool, const Geometry& g, const float* dy, const 
 //   z = x * in_scale + in_bias, while the band's raw rows and the rows just written are in L2.
 //   The input-gradient and backward-sums kernels called one after the other read dy, x and
 //   d_activated from memory again (docs/performance.md, sixteenth round, times both).
-// Sums in float32 per image (the filter gradient) or band (the BatchNorm sums), in double across.
+// Sums in float32 per image (the filter gradient) or tile of pixels (the BatchNorm sums), in double
+// across.
 struct NormBackward {
   const float* mean;  // (C): the batch mean the statistics were taken with.
   float* d_activated; // (N, H, W, C).
@@ -780,36 +781,31 @@ struct NormBackward {
 };
 
 // Adds the BatchNorm backward sums of `pixels` consecutive pixels of x and d_activated into the
-// per-channel sums: float32 over the pixels, then double. Taken in tiles of pixels that stay in
-// L1 while each block of 8 channels goes over them (channel blocks over a whole band, outermost,
-// re-read it from L3: the band, its activated copy and its gradient overflow L2).
+// per-channel sums: float32 over a tile of pixels that stays in L1 while each block of 8 channels
+// goes over it (at most 256 pixels, as batch_norm_cpu.cc's float32 runs), then double. (Channel
+// blocks over a whole band, outermost, re-read it from L3.)
 template <typename InActivation>
 void AddNormSums(int64_t c, const float* x, const float* d_activated, int64_t pixels,
                  const Affine& in, InActivation in_act, const float* mean, double* sum_g,
                  double* sum_gx) {
   constexpr int64_t kTileValues = 2048;  // x's and d_activated's: 16 KB.
   const int64_t tile = std::max<int64_t>(1, kTileValues / c);
-  std::vector<float> sums(2 * c, 0.0f);
-  float* s_g = sums.data();
-  float* s_gx = s_g + c;
   for (int64_t p0 = 0; p0 < pixels; p0 += tile) {
     const int64_t end = std::min(pixels, p0 + tile) * c;
     for (int64_t cb = 0; cb < c; cb += kLanes) {
       const Vec8 scale = Load(in.scale + cb), bias = Load(in.bias + cb), m = Load(mean + cb);
-      Vec8 g_sum = Load(s_g + cb), gx_sum = Load(s_gx + cb);
+      Vec8 g_sum = {}, gx_sum = {};
       for (int64_t p = p0 * c; p < end; p += c) {
         const Vec8 v = Load(x + p + cb);
         const Vec8 gated = in_act.Gate(v * scale + bias, Load(d_activated + p + cb));
         g_sum += gated;
         gx_sum += gated * (v - m);
       }
-      Store(s_g + cb, g_sum);
-      Store(s_gx + cb, gx_sum);
+      for (int64_t lane = 0; lane < kLanes; ++lane) {
+        sum_g[cb + lane] += g_sum[lane];
+        sum_gx[cb + lane] += gx_sum[lane];
+      }
     }
-  }
-  for (int64_t k = 0; k < c; ++k) {
-    sum_g[k] += s_g[k];
-    sum_gx[k] += s_gx[k];
   }
 }
 
@@ -1202,10 +1198,19 @@ ffi::Error ActivatedBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   Geometry g = MakeGeometry(x.dimensions(), df->dimensions(), dy.dimensions(), sh, sw, pt, pl);
   ffi::Error error = CheckFused(g, {in_kind});
   if (error.failure()) return error;
+  const size_t c = g.c;
+  const bool with_backward = sum_g->element_count() != 0;
+  if (f.element_count() != df->element_count() || in_scale.element_count() != c ||
+      dy.element_count() != static_cast<size_t>(g.n * g.oh * g.ow * g.c) ||
+      in_bias.element_count() != c || mean.element_count() != c ||
+      d_activated->element_count() != (with_backward ? x.element_count() : 0) ||
+      sum_gx->element_count() != sum_g->element_count() ||
+      (with_backward && sum_g->element_count() != c)) {
+    return ffi::Error::InvalidArgument("operand or result sizes do not fit the geometry");
+  }
   const Affine in{in_scale.typed_data(), in_bias.typed_data(), in_kind, in_lo, in_hi};
   const NormBackward backward{mean.typed_data(), d_activated->typed_data(), sum_g->typed_data(),
                               sum_gx->typed_data()};
-  const bool with_backward = d_activated->element_count() != 0;
   WithFilterSize(g, [&](auto k) {
     WithActivation(in, [&](auto in_act) {
       ActivatedBackward<decltype(k)::value>(pool, g, x.typed_data(), dy.typed_data(),
