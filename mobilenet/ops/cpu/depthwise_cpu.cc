@@ -809,6 +809,15 @@ void AddNormSums(int64_t c, const float* x, const float* d_activated, int64_t pi
   }
 }
 
+// The chunks' BatchNorm sums ([sum_g | sum_gx] per chunk, in double) into backward's outputs.
+void StoreNormSums(const std::vector<double>& norm_sums, int64_t chunks, int64_t c,
+                   const NormBackward& backward) {
+  std::vector<float> both(2 * c);
+  mobilenet::SumChunks(norm_sums, chunks, 2 * c, both.data());
+  std::copy(both.begin(), both.begin() + c, backward.sum_g);
+  std::copy(both.begin() + c, both.end(), backward.sum_gx);
+}
+
 // ActivatedBackward (below) on maps no larger than the filter (SmallMap): only the taps that land
 // on the image, and images summed in float32 in groups of about as many products per tap as one
 // 16x16 image has, then in double. (Per image, the band loop's float-to-double sum over all K*K*C
@@ -861,12 +870,7 @@ void ActivatedBackwardSmallMap(ffi::ThreadPool& pool, const Geometry& g, const f
     }
   });
   mobilenet::SumChunks(totals, chunks, taps, df);
-  if (backward) {
-    std::vector<float> both(2 * g.c);
-    mobilenet::SumChunks(norm_sums, chunks, 2 * g.c, both.data());
-    std::copy(both.begin(), both.begin() + g.c, backward->sum_g);
-    std::copy(both.begin() + g.c, both.end(), backward->sum_gx);
-  }
+  if (backward) StoreNormSums(norm_sums, chunks, g.c, *backward);
 }
 
 // K*K vector accumulators per channel block for the filter gradient, float32 per image, double
@@ -939,12 +943,7 @@ void ActivatedBackward(ffi::ThreadPool& pool, const Geometry& g, const float* x,
     }
   });
   mobilenet::SumChunks(totals, chunks, taps, df);
-  if (backward) {
-    std::vector<float> both(2 * g.c);
-    mobilenet::SumChunks(norm_sums, chunks, 2 * g.c, both.data());
-    std::copy(both.begin(), both.begin() + g.c, backward->sum_g);
-    std::copy(both.begin() + g.c, both.end(), backward->sum_gx);
-  }
+  if (backward) StoreNormSums(norm_sums, chunks, g.c, *backward);
 }
 
 // Filter gradient, K x K, channels a multiple of 8: K*K vector accumulators
